@@ -1,0 +1,52 @@
+"""Picks the compiled fast path or its pure-Python twin, once, at import.
+
+``EDGEPROXY_NO_EXTENSIONS=1`` forces the twin. Otherwise the compiled module is used when it
+imports; ``IMPLEMENTATION`` says which one runs ("c" or "py"), and the test suite fails when it is
+"py" without the switch, so a broken build cannot pass by falling back quietly.
+"""
+
+from __future__ import annotations
+
+import os
+
+from edgeproxy.fastpath_common import ParsedPath, ParseError, RcptVerdict
+
+_FALSE = ("", "0", "false", "no")
+
+if os.environ.get("EDGEPROXY_NO_EXTENSIONS", "").strip().lower() not in _FALSE:
+    from edgeproxy import _fastpath_py as _impl
+
+    IMPLEMENTATION = "py"
+else:
+    try:
+        from edgeproxy import _fastpath as _impl  # type: ignore[no-redef]
+
+        IMPLEMENTATION = "c"
+    except ImportError:
+        from edgeproxy import _fastpath_py as _impl
+
+        IMPLEMENTATION = "py"
+
+parse_command = _impl.parse_command
+parse_mail_from = _impl.parse_mail_from
+parse_rcpt_to = _impl.parse_rcpt_to
+canonical_domain = _impl.canonical_domain
+DomainSet = _impl.DomainSet
+CidrSet = _impl.CidrSet
+RcptMatcher = _impl.RcptMatcher
+DataScanner = _impl.DataScanner
+
+__all__ = [
+    "IMPLEMENTATION",
+    "CidrSet",
+    "DataScanner",
+    "DomainSet",
+    "ParseError",
+    "ParsedPath",
+    "RcptMatcher",
+    "RcptVerdict",
+    "canonical_domain",
+    "parse_command",
+    "parse_mail_from",
+    "parse_rcpt_to",
+]
