@@ -1,0 +1,84 @@
+"""Entry points: ``edgeproxy serve | sink | config | check-relay``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from edgeproxy.config import ConfigError, Settings, markdown_table
+
+
+def _load(environ: Mapping[str, str]) -> Settings | None:
+    try:
+        return Settings.from_env(environ)
+    except ConfigError as error:
+        for line in error.problems:
+            print(f"edgeproxy: {line}", file=sys.stderr)
+        return None
+
+
+def cmd_config(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    if args.markdown:
+        print(markdown_table())
+        return 0
+    settings = _load(environ)
+    if settings is None:
+        return 1
+    from edgeproxy import fastpath
+
+    width = max(len(name) for name, _ in settings.describe())
+    for name, value in settings.describe():
+        print(f"{name.ljust(width)}  {value}")
+    print(f"{'# fast path'.ljust(width)}  {fastpath.IMPLEMENTATION}")
+    return 0
+
+
+def cmd_check_relay(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """Show what the policy answers one RCPT from one client, as an operator would test it."""
+    settings = _load(environ)
+    if settings is None:
+        return 1
+    from edgeproxy import fastpath_common as fc
+    from edgeproxy.fastpath import ParseError
+    from edgeproxy.policy import Policy
+
+    policy = Policy(settings)
+    refusal = policy.check_connect(args.client)
+    if refusal:
+        print(f"connect refused ({refusal.rule}): {refusal.reply}")
+        return 2
+    grant = policy.relay_grant(args.client, args.relay_listener, args.authenticated)
+    try:
+        verdict = policy.decide_rcpt(f"TO:<{args.recipient}>", grant)
+    except ParseError as error:
+        print(f"syntax error ({error.reason})")
+        return 2
+    refusal = policy.refusal_for(verdict)
+    rule = fc.RULE_NAMES[verdict.rule]
+    if refusal:
+        print(f"refused ({rule}): {refusal.reply}")
+        return 2
+    print(f"accepted ({rule}): forwarded as <{verdict.address}>")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeproxy", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    config = commands.add_parser("config", help="print the effective configuration; exit 1 on errors")
+    config.add_argument("--markdown", action="store_true", help="print the variable table for README.md")
+    config.set_defaults(handler=cmd_config)
+    check = commands.add_parser("check-relay", help="decide one recipient for one client, and exit")
+    check.add_argument("client", help="client IP address, e.g. 192.0.2.7")
+    check.add_argument("recipient", help="recipient address, e.g. user@example.com")
+    check.add_argument("--authenticated", action="store_true")
+    check.add_argument("--relay-listener", action="store_true", help="as if on a relay listener")
+    check.set_defaults(handler=cmd_check_relay)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args, os.environ if environ is None else environ)

@@ -1,0 +1,427 @@
+"""Settings from ``EDGEPROXY_*`` environment variables.
+
+One table, :data:`VARIABLES`, names every variable with its parser, default and meaning; it drives
+:meth:`Settings.from_env`, ``edgeproxy config`` and the table in README.md, so the three cannot
+disagree. ``from_env`` is pure (it reads the mapping it is given, and list files named with
+``@/path``) and reports every bad variable at once, one line each.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeproxy.errors import ConfigError
+from edgeproxy.smtp.replies import POLICY_DEFAULTS, POLICY_INHERITS, POLICY_RULES, Reply
+
+PREFIX = "EDGEPROXY_"
+_TRUE = ("1", "true", "yes")
+_FALSE = ("0", "false", "no")
+
+
+# -- value parsers: each takes the raw text and returns the value or raises ValueError ----------
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("expected one of 1/true/yes/0/false/no")
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    """Comma-separated entries, or ``@/path``: one entry a line, ``#`` starts a comment."""
+    text = text.strip()
+    if text.startswith("@"):
+        path = text[1:]
+        try:
+            with open(path, encoding="utf-8") as handle:
+                lines = handle.read().splitlines()
+        except OSError as error:
+            raise ValueError(f"cannot read {path}: {error.strerror}") from None
+        entries = (line.split("#", 1)[0].strip() for line in lines)
+    else:
+        entries = (entry.strip() for entry in text.split(","))
+    return tuple(entry for entry in entries if entry)
+
+
+def _int_parser(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+            raise ValueError(f"expected a whole number {bound}")
+        return value
+
+    return parse
+
+
+def _seconds_parser(minimum: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError("expected a number of seconds") from None
+        if not value >= minimum or value == float("inf"):
+            raise ValueError(f"expected a number of seconds, at least {minimum:g}")
+        return value
+
+    return parse
+
+
+def _choice_parser(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError("expected one of " + "/".join(choices))
+        return value
+
+    return parse
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``127.0.0.1:25``, ``[::1]:25`` or ``mail.example.com:25``."""
+    text = text.strip()
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or text[close + 1 : close + 2] != ":":
+            raise ValueError("expected [ipv6]:port")
+        host, port_text = text[1:close], text[close + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    else:
+        host, _, port_text = text.rpartition(":")
+        if not host or ":" in host:
+            raise ValueError("expected host:port (IPv6 as [addr]:port)")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError("expected a port from 0 to 65535")
+    return host, int(port_text)
+
+
+def _parse_listeners(text: str) -> tuple[tuple[str, int], ...]:
+    return tuple(parse_host_port(entry) for entry in parse_list(text))
+
+
+def _parse_backend(text: str) -> tuple[str, int] | None:
+    return parse_host_port(text) if text.strip() else None
+
+
+def _parse_domains(text: str) -> tuple[str, ...]:
+    from edgeproxy.fastpath import DomainSet
+
+    entries = parse_list(text)
+    DomainSet(entries)  # validates; the policy builds the live matcher
+    return entries
+
+
+def _parse_cidrs(text: str) -> tuple[str, ...]:
+    from edgeproxy.fastpath import CidrSet
+
+    entries = parse_list(text)
+    CidrSet(entries)
+    return entries
+
+
+def _parse_rewrite(text: str) -> tuple[tuple[str, str], ...]:
+    from edgeproxy.fastpath import ParseError, canonical_domain
+
+    pairs = []
+    for entry in parse_list(text):
+        source, equals, target = entry.partition("=")
+        try:
+            if not equals:
+                raise ParseError("syntax")
+            pairs.append((canonical_domain(source.strip()), canonical_domain(target.strip())))
+        except ParseError:
+            raise ValueError(f"expected from.domain=to.domain, got {entry!r}") from None
+    return tuple(pairs)
+
+
+def _parse_addresses(text: str) -> tuple[str, ...]:
+    """Full addresses (``user@domain``), as in a recipient directory."""
+    from edgeproxy.fastpath import ParseError, canonical_domain
+
+    addresses = []
+    for entry in parse_list(text):
+        local, at, domain = entry.rpartition("@")
+        try:
+            if not at or not local:
+                raise ParseError("syntax")
+            addresses.append(local.lower() + "@" + canonical_domain(domain))
+        except ParseError:
+            raise ValueError(f"expected user@domain, got {entry!r}") from None
+    return tuple(addresses)
+
+
+def _parse_sender_deny(text: str) -> tuple[str, ...]:
+    """Addresses (``user@domain``), domains (``domain``) and wildcards (``.domain``)."""
+    from edgeproxy.fastpath import ParseError, canonical_domain
+
+    entries = []
+    for entry in parse_list(text):
+        local, at, domain = entry.rpartition("@")
+        try:
+            if at:
+                if not local:
+                    raise ParseError("syntax")
+                entries.append(local.lower() + "@" + canonical_domain(domain))
+            elif domain.startswith("."):
+                entries.append("." + canonical_domain(domain[1:]))
+            else:
+                entries.append(canonical_domain(domain))
+        except ParseError:
+            raise ValueError(f"expected user@domain, domain or .domain, got {entry!r}") from None
+    return tuple(entries)
+
+
+def _parse_workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    return _int_parser(1, 256)(text)
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str  # without the prefix
+    parse: Callable[[str], Any]
+    default: str
+    meaning: str
+    example: str = ""
+    secret: bool = False
+
+    @property
+    def env(self) -> str:
+        return PREFIX + self.name
+
+    @property
+    def attribute(self) -> str:
+        return self.name.lower()
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("LISTEN", _parse_listeners, "127.0.0.1:2525",
+             "Addresses to accept SMTP on (IPv4 and [IPv6])", "0.0.0.0:25,[::]:25"),
+    Variable("RELAY_LISTEN", _parse_listeners, "",
+             "Extra listeners whose clients may relay (Exchange's 'clients connecting to these "
+             "internal addresses')", "10.0.0.5:25"),
+    Variable("BACKEND", _parse_backend, "",
+             "The real mail server; empty starts an embedded sink for trying edgeproxy out",
+             "10.0.0.10:25"),
+    Variable("HOSTNAME", str.strip, "",
+             "Name in the greeting and the Received: header; empty uses the host's FQDN",
+             "mx1.example.com"),
+    Variable("LOCAL_DOMAINS", _parse_domains, "example.test",
+             "Domains we accept mail for; '.example.com' matches every subdomain",
+             "example.com,.example.com"),
+    Variable("RELAY_DOMAINS", _parse_domains, "",
+             "Domains relayed for anyone (backup MX)", "partner.example"),
+    Variable("RELAY_ALLOW", _parse_cidrs, "",
+             "Client CIDRs that may relay to any domain", "10.0.0.0/8,2001:db8::/32"),
+    Variable("RELAY_NEVER", _parse_cidrs, "",
+             "Client CIDRs that may never relay, whatever else allows it", "10.66.0.0/16"),
+    Variable("CONNECT_ALLOW", _parse_cidrs, "",
+             "If set, only these client CIDRs may connect", "@/etc/edgeproxy/connect-allow"),
+    Variable("CONNECT_DENY", _parse_cidrs, "",
+             "Client CIDRs refused at the greeting", "192.0.2.0/24"),
+    Variable("RECIPIENTS", _parse_addresses, "",
+             "Recipient directory: for a local domain with any address listed, only listed "
+             "addresses are accepted (others get 550 5.1.1 at RCPT)",
+             "@/etc/edgeproxy/recipients"),
+    Variable("REWRITE", _parse_rewrite, "",
+             "Domain rewrite map, applied before the local/relay decision", "dec.com=compaq.com"),
+    Variable("SENDER_DENY", _parse_sender_deny, "",
+             "Senders refused at MAIL: addresses, domains, .wildcards", "spam@bad.example,.bad.example"),
+    Variable("SOFT_REJECT", parse_bool, "no",
+             "Turn every policy 5xx into 4xx (a safe first deployment)", "yes"),
+    Variable("MAX_RECIPIENTS", _int_parser(1), "100",
+             "Recipients per message; more get 452 4.5.3", "1000"),
+    Variable("MAX_MESSAGE_SIZE", _int_parser(1), "10485760",
+             "Message size limit in octets (advertised with SIZE, enforced)", "52428800"),
+    Variable("MAX_LINE_LENGTH", _int_parser(512, 65536), "512",
+             "Command line limit in octets, CRLF included (RFC 5321 §4.5.3.1.4)", "2048"),
+    Variable("MAX_BODY_LINE_LENGTH", _int_parser(1000, 1 << 20), "2048",
+             "Body line limit in octets, CRLF included; longer lines refuse the message", "1000"),
+    Variable("MAX_ERRORS", _int_parser(1), "10",
+             "Protocol errors per session before 421 and disconnect", "20"),
+    Variable("MAX_CONNECTIONS", _int_parser(1), "1000",
+             "Concurrent client connections per worker", "20000"),
+    Variable("MAX_CONNECTIONS_PER_IP", _int_parser(0), "50",
+             "Concurrent connections from one client address per worker; 0 = no limit", "20"),
+    Variable("CONNECTION_RATE", _int_parser(0), "0",
+             "New connections per client address per minute per worker; 0 = no limit", "120"),
+    Variable("GREETING_DELAY", _seconds_parser(0), "0",
+             "Seconds to wait before the greeting; a client talking first gets 554", "2"),
+    Variable("TIMEOUT", _seconds_parser(1), "300",
+             "Seconds a client may stay silent between commands (RFC 5321 §4.5.3.2.7)", "120"),
+    Variable("DATA_TIMEOUT", _seconds_parser(1), "180",
+             "Seconds a client may stay silent inside DATA (RFC 5321 §4.5.3.2.5)", "180"),
+    Variable("BACKEND_TIMEOUT", _seconds_parser(1), "300",
+             "Seconds to wait for a backend reply; 600 after the body (RFC 5321 §4.5.3.2.6)", "120"),
+    Variable("BACKEND_CONNECT_TIMEOUT", _seconds_parser(0.1), "10",
+             "Seconds to connect and read the backend's greeting", "5"),
+    Variable("BACKEND_POOL_SIZE", _int_parser(0), "16",
+             "Idle backend connections kept for reuse per worker", "64"),
+    Variable("BACKEND_IDLE_TIMEOUT", _seconds_parser(1), "30",
+             "Seconds an idle pooled backend connection is kept", "60"),
+    Variable("XCLIENT", parse_bool, "yes",
+             "Announce the real client with XCLIENT when the backend offers it", "no"),
+    Variable("RECEIVED_HEADER", parse_bool, "yes",
+             "Prepend a Received: header naming the real client", "no"),
+    Variable("ENABLE_EXPN", parse_bool, "no", "Pass EXPN to the backend instead of 502", "yes"),
+    Variable("ENABLE_ETRN", parse_bool, "no", "Pass ETRN to the backend instead of 502", "yes"),
+    Variable("LOOP", _choice_parser("uvloop", "asyncio"), "uvloop", "Event loop", "asyncio"),
+    Variable("WORKERS", _parse_workers, "1",
+             "Processes sharing the listeners (SO_REUSEPORT); 'auto' = one per core", "auto"),
+    Variable("DRAIN_TIMEOUT", _seconds_parser(0), "30",
+             "Seconds SIGTERM waits for transactions in flight", "60"),
+    Variable("SINK_DIR", str.strip, "",
+             "Where the embedded sink writes messages; empty makes a temporary directory",
+             "/var/tmp/edgeproxy-sink"),
+    Variable("LOG_LEVEL", _choice_parser("debug", "info", "warning", "error"), "info",
+             "Least severe log level written", "debug"),
+    Variable("LOG_FORMAT", _choice_parser("auto", "json", "console"), "auto",
+             "json, console, or auto (console on a terminal, else JSON)", "json"),
+    Variable("NO_EXTENSIONS", parse_bool, "no",
+             "Run the pure-Python fast path instead of the compiled one", "1"),
+) + tuple(
+    Variable(f"REPLY_{rule}", Reply.parse, str(POLICY_DEFAULTS[rule]) if rule in POLICY_DEFAULTS else "",
+             f"Reply for the {rule.lower().replace('_', ' ')} rule"
+             + (f" (default: as REPLY_{POLICY_INHERITS[rule]})" if rule in POLICY_INHERITS else ""),
+             "450 4.7.1 Try later")
+    for rule in POLICY_RULES
+)
+_BY_ENV = {variable.env: variable for variable in VARIABLES}
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: tuple[tuple[str, int], ...]
+    relay_listen: tuple[tuple[str, int], ...]
+    backend: tuple[str, int] | None
+    hostname: str
+    local_domains: tuple[str, ...]
+    relay_domains: tuple[str, ...]
+    relay_allow: tuple[str, ...]
+    relay_never: tuple[str, ...]
+    connect_allow: tuple[str, ...]
+    connect_deny: tuple[str, ...]
+    recipients: tuple[str, ...]
+    rewrite: tuple[tuple[str, str], ...]
+    sender_deny: tuple[str, ...]
+    soft_reject: bool
+    max_recipients: int
+    max_message_size: int
+    max_line_length: int
+    max_body_line_length: int
+    max_errors: int
+    max_connections: int
+    max_connections_per_ip: int
+    connection_rate: int
+    greeting_delay: float
+    timeout: float
+    data_timeout: float
+    backend_timeout: float
+    backend_connect_timeout: float
+    backend_pool_size: int
+    backend_idle_timeout: float
+    xclient: bool
+    received_header: bool
+    enable_expn: bool
+    enable_etrn: bool
+    loop: str
+    workers: int
+    drain_timeout: float
+    sink_dir: str
+    log_level: str
+    log_format: str
+    no_extensions: bool
+    replies: Mapping[str, Reply] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Build settings from ``environ``; raise ConfigError listing every bad variable."""
+        problems: list[str] = []
+        values: dict[str, Any] = {}
+        replies: dict[str, Reply] = {}
+        for variable in VARIABLES:
+            raw = environ.get(variable.env)
+            text = variable.default if raw is None else raw
+            if variable.name.startswith("REPLY_") and not text:
+                continue  # inherits; resolved below
+            try:
+                value = variable.parse(text)
+            except ValueError as error:
+                shown = "<redacted>" if variable.secret else repr(raw)
+                problems.append(f"{variable.env}={shown}: {error}")
+                continue
+            if variable.name.startswith("REPLY_"):
+                replies[variable.name[len("REPLY_") :]] = value
+            else:
+                values[variable.attribute] = value
+        for name in sorted(set(environ) - set(_BY_ENV)):
+            if name.startswith(PREFIX):
+                problems.append(f"{name}={environ[name]!r}: unknown variable (misspelt?)")
+        if problems:
+            raise ConfigError(problems)
+        for rule, parent in POLICY_INHERITS.items():
+            replies.setdefault(rule, replies[parent])
+        if values["soft_reject"]:
+            replies = {rule: reply.softened() for rule, reply in replies.items()}
+        if not values["hostname"]:
+            values["hostname"] = socket.getfqdn()
+        return cls(**values, replies=replies)
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(variable, effective value) for every setting, secrets redacted, as ``config`` prints."""
+        rows = []
+        for variable in VARIABLES:
+            if variable.name.startswith("REPLY_"):
+                rows.append((variable.env, str(self.replies[variable.name[len("REPLY_") :]])))
+                continue
+            value = getattr(self, variable.attribute)
+            rows.append((variable.env, "<redacted>" if variable.secret and value else _show(value)))
+        return rows
+
+
+def _show(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
+        if len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int):
+            return _show_pair(value)  # one host:port
+        return ",".join(_show_pair(item) if isinstance(item, tuple) else str(item) for item in value)
+    return str(value)
+
+
+def _show_pair(pair: tuple[str, int] | tuple[str, str]) -> str:
+    first, second = pair
+    if isinstance(second, int):
+        return f"[{first}]:{second}" if ":" in first else f"{first}:{second}"
+    return f"{first}={second}"
+
+
+def markdown_table() -> str:
+    """The README's configuration table."""
+    lines = ["| Variable | Meaning | Default | Example |", "|---|---|---|---|"]
+    for variable in VARIABLES:
+        default = f"`{variable.default}`" if variable.default else "(empty)"
+        lines.append(f"| `{variable.env}` | {variable.meaning} | {default} | `{variable.example}` |")
+    return "\n".join(lines)
+
+
