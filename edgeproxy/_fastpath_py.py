@@ -442,7 +442,7 @@ class RcptMatcher:
         flags = path.flags
         if flags & ENC_IP_LITERAL and domain in self._local:
             flags &= ~ENC_IP_LITERAL
-        may_relay = grant == GRANT_AUTHENTICATED or grant == GRANT_ALLOW_LIST or grant == GRANT_LISTENER
+        may_relay = grant in (GRANT_AUTHENTICATED, GRANT_ALLOW_LIST, GRANT_LISTENER)
         if flags and not may_relay:
             rule = RULE_RELAY_NEVER if grant == GRANT_NEVER else RULE_ENCAPSULATED
             return RcptVerdict(ACTION_REJECT, rule, path.address, domain, path.params)

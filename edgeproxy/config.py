@@ -212,7 +212,7 @@ class Variable:
         return self.name.lower()
 
 
-VARIABLES: tuple[Variable, ...] = (
+_SETTINGS_VARIABLES: tuple[Variable, ...] = (
     Variable("LISTEN", _parse_listeners, "127.0.0.1:2525",
              "Addresses to accept SMTP on (IPv4 and [IPv6])", "0.0.0.0:25,[::]:25"),
     Variable("RELAY_LISTEN", _parse_listeners, "",
@@ -255,8 +255,8 @@ VARIABLES: tuple[Variable, ...] = (
              "Command line limit in octets, CRLF included (RFC 5321 §4.5.3.1.4)", "2048"),
     Variable("MAX_BODY_LINE_LENGTH", _int_parser(1000, 1 << 20), "2048",
              "Body line limit in octets, CRLF included; longer lines refuse the message", "1000"),
-    Variable("MAX_ERRORS", _int_parser(1), "10",
-             "Protocol errors per session before 421 and disconnect", "20"),
+    Variable("MAX_ERRORS", _int_parser(1), "20",
+             "Errors and refusals per session before 421 and disconnect", "50"),
     Variable("MAX_CONNECTIONS", _int_parser(1), "1000",
              "Concurrent client connections per worker", "20000"),
     Variable("MAX_CONNECTIONS_PER_IP", _int_parser(0), "50",
@@ -297,13 +297,15 @@ VARIABLES: tuple[Variable, ...] = (
              "json, console, or auto (console on a terminal, else JSON)", "json"),
     Variable("NO_EXTENSIONS", parse_bool, "no",
              "Run the pure-Python fast path instead of the compiled one", "1"),
-) + tuple(
+)
+_REPLY_VARIABLES = tuple(
     Variable(f"REPLY_{rule}", Reply.parse, str(POLICY_DEFAULTS[rule]) if rule in POLICY_DEFAULTS else "",
              f"Reply for the {rule.lower().replace('_', ' ')} rule"
              + (f" (default: as REPLY_{POLICY_INHERITS[rule]})" if rule in POLICY_INHERITS else ""),
              "450 4.7.1 Try later")
     for rule in POLICY_RULES
 )
+VARIABLES: tuple[Variable, ...] = (*_SETTINGS_VARIABLES, *_REPLY_VARIABLES)
 _BY_ENV = {variable.env: variable for variable in VARIABLES}
 
 

@@ -74,12 +74,13 @@ class Policy:
 
     # -- MAIL --------------------------------------------------------------------------------
 
-    def check_sender(self, path: ParsedPath) -> Refusal | None:
+    def check_sender(self, path: ParsedPath, size_limit: int | None = None) -> Refusal | None:
         """Sender deny list and SIZE. The null sender is never refused (RFC 2505 §2.6), and
         neither is a sender for being in one of our own domains: only an explicitly listed
-        address of ours is."""
+        address of ours is. ``size_limit`` is the limit in force when the backend's is lower."""
+        limit = self.max_message_size if size_limit is None else size_limit
         size = path.params.get("SIZE")
-        if size is not None and size.isdigit() and int(size) > self.max_message_size:
+        if size is not None and size.isdigit() and int(size) > limit:
             return Refusal("message_too_big", self.replies["MESSAGE_TOO_BIG"])
         if not path.address:
             return None
