@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -64,9 +65,48 @@ def cmd_check_relay(args: argparse.Namespace, environ: Mapping[str, str]) -> int
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    settings = _load(environ)
+    if settings is None:
+        return 1
+    from edgeproxy.lifecycle import run
+
+    return run(settings, environ)
+
+
+def cmd_sink(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    import asyncio
+    import tempfile
+
+    from edgeproxy.config import parse_host_port
+    from edgeproxy.lifecycle import listen_socket
+    from edgeproxy.sink import serve_sink
+
+    try:
+        host, port = parse_host_port(args.listen)
+    except ValueError as error:
+        print(f"edgeproxy sink: --listen {args.listen!r}: {error}", file=sys.stderr)
+        return 1
+    directory = args.dir or tempfile.mkdtemp(prefix="edgeproxy-sink-")
+    sock = listen_socket(host, port, reuse_port=False)
+    sock.listen(1024)
+    bound = sock.getsockname()
+    print(f"edgeproxy sink: listening on {bound[0]}:{bound[1]}, writing messages to {directory}",
+          file=sys.stderr, flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_sink(sock, directory))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeproxy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the proxy, configured by EDGEPROXY_* variables")
+    serve.set_defaults(handler=cmd_serve)
+    sink = commands.add_parser("sink", help="run a local SMTP sink that writes each message to a file")
+    sink.add_argument("--listen", default="127.0.0.1:2526", help="host:port (default %(default)s)")
+    sink.add_argument("--dir", default="", help="directory for messages (default: a new temporary one)")
+    sink.set_defaults(handler=cmd_sink)
     config = commands.add_parser("config", help="print the effective configuration; exit 1 on errors")
     config.add_argument("--markdown", action="store_true", help="print the variable table for README.md")
     config.set_defaults(handler=cmd_config)

@@ -191,6 +191,10 @@ class SmtpSession:
         return not (self._held and len(self._input) > HELD_INPUT_LIMIT)
 
     @property
+    def in_data(self) -> bool:
+        return self._scanner is not None
+
+    @property
     def in_transaction(self) -> bool:
         return self._mail is not None or self._scanner is not None
 

@@ -1,0 +1,220 @@
+"""Listeners, worker processes and signals: the part of edgeproxy that runs as a daemon.
+
+SIGTERM/SIGINT drain (stop accepting, 421 to idle sessions, let transactions finish until the
+deadline, then close); a second one exits at once. SIGHUP reloads every list and directory; a bad
+file keeps the old policy and logs why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Mapping
+
+import structlog
+
+from edgeproxy import log as logsetup
+from edgeproxy.config import ConfigError, Settings
+from edgeproxy.server import ServerState
+
+log = structlog.get_logger("edgeproxy")
+Listener = tuple[str, int, bool]  # host, port, clients may relay
+
+
+def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        # So that [::]:25 and 0.0.0.0:25 can both be listed.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind(address)
+    sock.setblocking(False)
+    return sock
+
+
+def _listeners(settings: Settings) -> list[Listener]:
+    return [(host, port, False) for host, port in settings.listen] + [
+        (host, port, True) for host, port in settings.relay_listen
+    ]
+
+
+async def serve(settings: Settings, backend: tuple[str, int], listeners: list[Listener],
+                reuse_port: bool, environ: Mapping[str, str]) -> None:
+    loop = asyncio.get_running_loop()
+    state = ServerState(settings, backend)
+    await state.pool.probe()
+    servers = []
+    bound = []
+    for host, port, may_relay in listeners:
+        sock = listen_socket(host, port, reuse_port)
+        sock.listen(1024)
+        servers.append(await loop.create_server(state.protocol_factory(may_relay), sock=sock))
+        name = sock.getsockname()
+        bound.append(f"[{name[0]}]:{name[1]}" if sock.family == socket.AF_INET6 else f"{name[0]}:{name[1]}")
+    from edgeproxy import fastpath
+
+    log.info("listening", addresses=bound, backend=state.pool.address, pid=os.getpid(),
+             fastpath=fastpath.IMPLEMENTATION, loop=type(loop).__module__.split(".")[0],
+             backend_ready=state.pool.keywords is not None)
+    stopping = asyncio.Event()
+    stop_now = asyncio.Event()
+
+    def on_stop_signal() -> None:
+        if stopping.is_set():
+            stop_now.set()
+        stopping.set()
+
+    def on_reload() -> None:
+        try:
+            state.reload(Settings.from_env(environ))
+        except (ConfigError, ValueError) as error:
+            problems = error.problems if isinstance(error, ConfigError) else [str(error)]
+            log.error("reload_failed", problems=problems, kept="previous policy")
+            return
+        log.info("reloaded")
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_stop_signal)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    await stopping.wait()
+    log.info("draining", sessions=len(state.sessions), deadline=settings.drain_timeout)
+    for server in servers:
+        server.close()
+    state.drain()
+    done = asyncio.ensure_future(state.drained.wait())
+    now = asyncio.ensure_future(stop_now.wait())
+    await asyncio.wait({done, now}, timeout=settings.drain_timeout, return_when=asyncio.FIRST_COMPLETED)
+    done.cancel()
+    now.cancel()
+    if state.sessions:
+        log.warning("drain_deadline", aborted=len(state.sessions))
+        state.abort_all()
+    state.pool.close_all()
+    await asyncio.sleep(0)
+    log.info("stopped")
+
+
+def run_worker(settings: Settings, backend: tuple[str, int], listeners: list[Listener],
+               reuse_port: bool, environ: Mapping[str, str]) -> None:
+    coroutine = serve(settings, backend, listeners, reuse_port, environ)
+    if settings.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(coroutine)
+    else:
+        asyncio.run(coroutine)
+
+
+def start_embedded_sink(settings: Settings) -> tuple[tuple[str, int], int, str]:
+    """Fork the embedded sink before any event loop exists; return its address, pid and dir."""
+    from edgeproxy.sink import run_sink_process
+
+    directory = settings.sink_dir or tempfile.mkdtemp(prefix="edgeproxy-sink-")
+    sock = listen_socket("127.0.0.1", 0, reuse_port=False)
+    sock.listen(128)
+    address = sock.getsockname()[:2]
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            run_sink_process(sock, directory, parent)
+        finally:
+            os._exit(0)
+    sock.close()
+    return address, pid, directory
+
+
+def run(settings: Settings, environ: Mapping[str, str]) -> int:
+    logsetup.configure(settings.log_level, settings.log_format)
+    children: list[int] = []
+    backend = settings.backend
+    try:
+        if backend is None:
+            backend, sink_pid, directory = start_embedded_sink(settings)
+            children.append(sink_pid)
+            log.info("embedded_sink", address=f"{backend[0]}:{backend[1]}", directory=directory,
+                     note="no EDGEPROXY_BACKEND set: messages are written to files, not delivered")
+        listeners = _listeners(settings)
+        if settings.workers == 1:
+            run_worker(settings, backend, listeners, False, environ)
+            return 0
+        return _supervise(settings, backend, listeners, environ, children)
+    finally:
+        for pid in children:
+            _stop_child(pid)
+
+
+def _supervise(settings: Settings, backend: tuple[str, int], listeners: list[Listener],
+               environ: Mapping[str, str], children: list[int]) -> int:
+    """Fork one worker per requested process, all on the same ports with SO_REUSEPORT."""
+    # Bound but never listening, these sockets hold port-0 choices without taking connections.
+    reserved = [listen_socket(host, port, reuse_port=True) for host, port, _ in listeners]
+    listeners = [
+        (host, sock.getsockname()[1], relay) for (host, _, relay), sock in zip(listeners, reserved, strict=True)
+    ]
+    workers: set[int] = set()
+    stopping = False
+
+    def spawn() -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                run_worker(settings, backend, listeners, True, environ)
+            except BaseException:
+                log.exception("worker_crashed")
+                code = 1
+            finally:
+                os._exit(code)
+        workers.add(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in workers:
+            _signal(pid, signum)
+
+    for _ in range(settings.workers):
+        spawn()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        if pid not in workers:
+            continue
+        workers.discard(pid)
+        if not stopping:
+            log.error("worker_died", pid=pid, status=status, action="restarting")
+            spawn()
+    for sock in reserved:
+        sock.close()
+    return 0
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _stop_child(pid: int) -> None:
+    _signal(pid, signal.SIGTERM)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: edgeproxy serve")
