@@ -1,0 +1,148 @@
+"""Shared fixtures: the real proxy on a thread (stdlib asyncio or uvloop) in front of a real
+SMTP backend on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import smtplib
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from edgeproxy import log as logsetup
+from edgeproxy.config import Settings
+from edgeproxy.server import ServerState
+from tests.backends import AiosmtpdSink, PipeliningSink
+
+LOOPS = ("asyncio", "uvloop")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+logsetup.configure("warning", "json")
+
+
+def require_tool(name: str) -> str:
+    """A system tool the test needs: skipped where absent, but never in CI (which installs it)."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/lib/postfix/sbin")
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{name} is not installed, but .ci/run installs it")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+class ProxyThread:
+    """edgeproxy's ServerState served on 127.0.0.1:0 from an event loop on its own thread."""
+
+    def __init__(self, env: dict[str, str], backend: tuple[str, int], loop_kind: str) -> None:
+        base = {"EDGEPROXY_MAX_CONNECTIONS_PER_IP": "0", "EDGEPROXY_HOSTNAME": "proxy.test"}
+        self.settings = Settings.from_env({**base, **env})
+        self.backend = backend
+        self.loop_kind = loop_kind
+        self.port = 0
+        self.relay_port = 0
+        self.state: ServerState | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        if self.loop_kind == "uvloop":
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._start())
+        except BaseException as error:  # surfaced to the test by start()
+            self._error = error
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.close()
+
+    async def _start(self) -> None:
+        self.state = ServerState(self.settings, self.backend)
+        await self.state.pool.probe()
+        self._servers = [
+            await self.loop.create_server(self.state.protocol_factory(False), "127.0.0.1", 0),
+            await self.loop.create_server(self.state.protocol_factory(True), "127.0.0.1", 0),
+        ]
+        self.port = self._servers[0].sockets[0].getsockname()[1]
+        self.relay_port = self._servers[1].sockets[0].getsockname()[1]
+
+    def start(self) -> ProxyThread:
+        self._thread.start()
+        if not self._ready.wait(20):
+            raise RuntimeError("proxy did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def call(self, function: Callable[[], object]) -> None:
+        self.loop.call_soon_threadsafe(function)
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            for server in self._servers:
+                server.close()
+            assert self.state is not None
+            self.state.abort_all()
+            self.state.pool.close_all()
+            await asyncio.sleep(0.01)
+            self.loop.stop()
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
+            self._thread.join(10)
+
+    def client(self, relay_listener: bool = False, timeout: float = 10) -> smtplib.SMTP:
+        return smtplib.SMTP("127.0.0.1", self.relay_port if relay_listener else self.port, timeout=timeout)
+
+
+@pytest.fixture(params=LOOPS)
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def sink() -> Iterator[AiosmtpdSink]:
+    with AiosmtpdSink() as backend:
+        yield backend
+
+
+@pytest.fixture
+def pipelining_sink() -> Iterator[PipeliningSink]:
+    with PipeliningSink() as backend:
+        yield backend
+
+
+@pytest.fixture
+def make_proxy(loop_kind: str) -> Iterator[Callable[..., ProxyThread]]:
+    started: list[ProxyThread] = []
+
+    def make(backend: tuple[str, int], **env: str) -> ProxyThread:
+        proxy = ProxyThread({f"EDGEPROXY_{k.upper()}": v for k, v in env.items()}, backend, loop_kind).start()
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        proxy.stop()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll a condition that another thread makes true; bounded."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
