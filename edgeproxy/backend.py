@@ -163,7 +163,8 @@ class BackendConnection(asyncio.Protocol):
                     self._ready = True
                     self._arm_timer(None)
         elif kind == _XCLIENT:
-            if code != 220:
+            # Postfix answers with a new greeting (220), other servers with 250: both took it.
+            if not 200 <= code < 300:
                 # The backend lists XCLIENT but will not take it from us: carry on without it.
                 log.warning("backend_xclient_refused", code=code, backend=self._pool.address)
                 self._pool.xclient_refused = True
