@@ -115,6 +115,9 @@ class BackendConnection(asyncio.Protocol):
         elif kind in (ev.END, ev.RSET):
             self.in_transaction = False
         self._queue.append((kind, data))
+
+    def flush(self) -> None:
+        """Write what ``send`` queued, in as few writes as the backend's pipelining allows."""
         self._flush()
 
     def abort(self) -> None:

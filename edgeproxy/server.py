@@ -262,6 +262,8 @@ class ClientProtocol(asyncio.Protocol):
                 self.log.info("backend_aborted", reason=event.reason)
                 backend, self.backend = self.backend, None
                 backend.abort()
+        if self.backend is not None:
+            self.backend.flush()  # one write for all the commands of this round
 
     def _send_backend(self, event: ev.BackendSend) -> None:
         backend = self.backend
