@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeproxy.errors import ConfigError
+from edgeproxy.fastpath import CidrSet, DomainSet, ParseError, canonical_domain
+from edgeproxy.fastpath_common import REASON_SYNTAX
 from edgeproxy.smtp.replies import POLICY_DEFAULTS, POLICY_INHERITS, POLICY_RULES, Reply
 
 PREFIX = "EDGEPROXY_"
@@ -118,71 +120,62 @@ def _parse_backend(text: str) -> tuple[str, int] | None:
 
 
 def _parse_domains(text: str) -> tuple[str, ...]:
-    from edgeproxy.fastpath import DomainSet
-
     entries = parse_list(text)
     DomainSet(entries)  # validates; the policy builds the live matcher
     return entries
 
 
 def _parse_cidrs(text: str) -> tuple[str, ...]:
-    from edgeproxy.fastpath import CidrSet
-
     entries = parse_list(text)
     CidrSet(entries)
     return entries
 
 
-def _parse_rewrite(text: str) -> tuple[tuple[str, str], ...]:
-    from edgeproxy.fastpath import ParseError, canonical_domain
-
-    pairs = []
+def _converted(text: str, convert: Callable[[str], Any], expected: str) -> tuple[Any, ...]:
+    """Each list entry through ``convert``, which raises ParseError for a bad one."""
+    converted = []
     for entry in parse_list(text):
-        source, equals, target = entry.partition("=")
         try:
-            if not equals:
-                raise ParseError("syntax")
-            pairs.append((canonical_domain(source.strip()), canonical_domain(target.strip())))
+            converted.append(convert(entry))
         except ParseError:
-            raise ValueError(f"expected from.domain=to.domain, got {entry!r}") from None
-    return tuple(pairs)
+            raise ValueError(f"expected {expected}, got {entry!r}") from None
+    return tuple(converted)
+
+
+def _address(entry: str) -> str:
+    local, at, domain = entry.rpartition("@")
+    if not at or not local:
+        raise ParseError(REASON_SYNTAX)
+    return local.lower() + "@" + canonical_domain(domain)
+
+
+def _rewrite_pair(entry: str) -> tuple[str, str]:
+    source, equals, target = entry.partition("=")
+    if not equals:
+        raise ParseError(REASON_SYNTAX)
+    return canonical_domain(source.strip()), canonical_domain(target.strip())
+
+
+def _sender_entry(entry: str) -> str:
+    if "@" in entry:
+        return _address(entry)
+    if entry.startswith("."):
+        return "." + canonical_domain(entry[1:])
+    return canonical_domain(entry)
+
+
+def _parse_rewrite(text: str) -> tuple[tuple[str, str], ...]:
+    return _converted(text, _rewrite_pair, "from.domain=to.domain")
 
 
 def _parse_addresses(text: str) -> tuple[str, ...]:
     """Full addresses (``user@domain``), as in a recipient directory."""
-    from edgeproxy.fastpath import ParseError, canonical_domain
-
-    addresses = []
-    for entry in parse_list(text):
-        local, at, domain = entry.rpartition("@")
-        try:
-            if not at or not local:
-                raise ParseError("syntax")
-            addresses.append(local.lower() + "@" + canonical_domain(domain))
-        except ParseError:
-            raise ValueError(f"expected user@domain, got {entry!r}") from None
-    return tuple(addresses)
+    return _converted(text, _address, "user@domain")
 
 
 def _parse_sender_deny(text: str) -> tuple[str, ...]:
     """Addresses (``user@domain``), domains (``domain``) and wildcards (``.domain``)."""
-    from edgeproxy.fastpath import ParseError, canonical_domain
-
-    entries = []
-    for entry in parse_list(text):
-        local, at, domain = entry.rpartition("@")
-        try:
-            if at:
-                if not local:
-                    raise ParseError("syntax")
-                entries.append(local.lower() + "@" + canonical_domain(domain))
-            elif domain.startswith("."):
-                entries.append("." + canonical_domain(domain[1:]))
-            else:
-                entries.append(canonical_domain(domain))
-        except ParseError:
-            raise ValueError(f"expected user@domain, domain or .domain, got {entry!r}") from None
-    return tuple(entries)
+    return _converted(text, _sender_entry, "user@domain, domain or .domain")
 
 
 def _parse_workers(text: str) -> int:
