@@ -89,7 +89,6 @@ def cmd_sink(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         return 1
     directory = args.dir or tempfile.mkdtemp(prefix="edgeproxy-sink-")
     sock = listen_socket(host, port, reuse_port=False)
-    sock.listen(1024)
     bound = sock.getsockname()
     print(f"edgeproxy sink: listening on {bound[0]}:{bound[1]}, writing messages to {directory}",
           file=sys.stderr, flush=True)

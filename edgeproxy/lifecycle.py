@@ -24,6 +24,8 @@ from edgeproxy.server import ServerState
 
 log = structlog.get_logger("edgeproxy")
 Listener = tuple[str, int, bool]  # host, port, clients may relay
+# The kernel caps it at net.core.somaxconn; asyncio's default of 100 drops SYNs in a burst.
+LISTEN_BACKLOG = 4096
 
 
 def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -55,8 +57,9 @@ async def serve(settings: Settings, backend: tuple[str, int], listeners: list[Li
     bound = []
     for host, port, may_relay in listeners:
         sock = listen_socket(host, port, reuse_port)
-        sock.listen(1024)
-        servers.append(await loop.create_server(state.protocol_factory(may_relay), sock=sock))
+        servers.append(
+            await loop.create_server(state.protocol_factory(may_relay), sock=sock, backlog=LISTEN_BACKLOG)
+        )
         name = sock.getsockname()
         bound.append(f"[{name[0]}]:{name[1]}" if sock.family == socket.AF_INET6 else f"{name[0]}:{name[1]}")
     from edgeproxy import fastpath
@@ -119,7 +122,7 @@ def start_embedded_sink(settings: Settings) -> tuple[tuple[str, int], int, str]:
 
     directory = settings.sink_dir or tempfile.mkdtemp(prefix="edgeproxy-sink-")
     sock = listen_socket("127.0.0.1", 0, reuse_port=False)
-    sock.listen(128)
+    sock.listen(LISTEN_BACKLOG)
     address = sock.getsockname()[:2]
     parent = os.getpid()
     pid = os.fork()

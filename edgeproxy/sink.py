@@ -51,6 +51,7 @@ async def serve_sink(sock: socket.socket, directory: str, stop: asyncio.Event | 
     server = await loop.create_server(
         lambda: SMTP(handler, enable_SMTPUTF8=True, hostname="edgeproxy-sink", data_size_limit=0),
         sock=sock,
+        backlog=4096,
     )
     async with server:
         if stop is None:
