@@ -46,7 +46,9 @@ local_parts = st.lists(st.sampled_from(LOCAL_PIECES), max_size=6).map("".join)
 domains = st.lists(st.sampled_from(DOMAIN_PIECES), max_size=6).map("".join)
 routes = st.sampled_from(["", "@a.test:", "@a.test,@b.test:", "@:", "@bad domain:"])
 paths = st.builds(
-    lambda prefix, space, route, local, at, domain, close, params: f"{prefix}{space}<{route}{local}{at}{domain}{close}{params}",
+    lambda prefix, space, route, local, at, domain, close, params: (
+        f"{prefix}{space}<{route}{local}{at}{domain}{close}{params}"
+    ),
     st.sampled_from(["TO:", "to:", "FROM:", "From:", "TO", "X:"]),
     st.sampled_from(["", " ", "  "]),
     routes,
@@ -150,10 +152,15 @@ bodies = st.lists(body_pieces, max_size=30).map(b"".join)
 
 
 @EXAMPLES
-@given(bodies, st.lists(st.integers(0, 200), max_size=5), st.sampled_from([6, 20, 1000]), st.sampled_from([5, 50, 10**6]))
+@given(
+    bodies,
+    st.lists(st.integers(0, 200), max_size=5),
+    st.sampled_from([6, 20, 1000]),
+    st.sampled_from([5, 50, 10**6]),
+)
 def test_data_scanners_agree(body: bytes, cuts: list[int], max_line: int, max_size: int) -> None:
     chunks, previous = [], 0
-    for cut in sorted(min(cut, len(body)) for cut in cuts) + [len(body)]:
+    for cut in [*sorted(min(cut, len(body)) for cut in cuts), len(body)]:
         chunks.append(body[previous:cut])
         previous = cut
     scanners = [py.DataScanner(max_line, max_size), c.DataScanner(max_line, max_size)]
