@@ -8,9 +8,36 @@ null path, bare ``postmaster``) are handed to the pure-Python twin's own code, s
 two cannot disagree; the differential test checks the rest on generated input.
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
-from libc.string cimport memchr
+from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8, PyUnicode_Substring
+from libc.string cimport memchr, memcpy
+
+
+cdef extern from *:
+    """
+    /* A 5-field NamedTuple instance, made as CPython's tuple_subtype_new makes one (tp_alloc,
+       then the items), without a Python-level call to tuple.__new__ per result. */
+    static PyObject* edgeproxy_tuple5(PyObject* type, PyObject* a, PyObject* b, PyObject* c,
+                                      PyObject* d, PyObject* e) {
+        PyTypeObject* tp = (PyTypeObject*) type;
+        PyObject* self = tp->tp_alloc(tp, 5);
+        if (self == NULL) return NULL;
+        Py_INCREF(a); PyTuple_SET_ITEM(self, 0, a);
+        Py_INCREF(b); PyTuple_SET_ITEM(self, 1, b);
+        Py_INCREF(c); PyTuple_SET_ITEM(self, 2, c);
+        Py_INCREF(d); PyTuple_SET_ITEM(self, 3, d);
+        Py_INCREF(e); PyTuple_SET_ITEM(self, 4, e);
+        return self;
+    }
+    """
+    object _tuple5 "edgeproxy_tuple5"(object type, object a, object b, object c, object d, object e)
+
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object text)
+    const unsigned char* PyUnicode_1BYTE_DATA(object text)
+    Py_ssize_t PyUnicode_GET_LENGTH(object text)
 
 import ipaddress
 
@@ -64,6 +91,9 @@ assert (_common.ENC_PERCENT, _common.ENC_BANG, _common.ENC_MULTIPLE_AT, _common.
         _common.ENC_IP_LITERAL, _common.ENC_IMCEA) == (1, 2, 16, 32, 64, 128)
 assert (_common.GRANT_NONE, _common.GRANT_AUTHENTICATED, _common.GRANT_ALLOW_LIST, _common.GRANT_LISTENER,
         _common.GRANT_NEVER) == (0, 1, 2, 3, 4)
+# The C constructor above relies on both result types being plain 5-field tuple subclasses.
+assert ParsedPath.__mro__[1] is tuple and len(ParsedPath._fields) == 5 and ParsedPath.__slots__ == ()
+assert RcptVerdict.__mro__[1] is tuple and len(RcptVerdict._fields) == 5 and RcptVerdict.__slots__ == ()
 assert (_common.RULE_LOCAL, _common.RULE_RELAY_DENIED, _common.VIOLATION_TOO_BIG,
         _common.MAX_PATH, _common.MAX_DOMAIN) == (0, 9, 4, 256, 255)
 
@@ -77,8 +107,6 @@ REASON_SYNTAX = _common.REASON_SYNTAX
 REASON_BAD_DOMAIN = _common.REASON_BAD_DOMAIN
 REASON_PATH_TOO_LONG = _common.REASON_PATH_TOO_LONG
 
-cdef object _new_tuple = tuple.__new__
-cdef dict _NO_PARAMS_TEMPLATE = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,10 +249,45 @@ cdef inline bint _is_atext(Py_UCS4 char):
     return char in "!#$%&'*+-/=?^_`{|}~."
 
 
-cdef int _check_dot_string(str local) except -1:
-    cdef Py_ssize_t length = len(local), index
+# 1 for every octet of RFC 5322 atext, and "."; built once at import.
+cdef unsigned char _ATEXT_TABLE[256]
+for _code in range(256):
+    _ATEXT_TABLE[_code] = 1 if _code < 128 and _is_atext(_code) else 0
+
+
+@cython.freelist(16)
+cdef class _Path:
+    """A parsed path inside this module, before it becomes a ParsedPath or a verdict."""
+
+    cdef str address
+    cdef str _local  # made on first use: most verdicts never need it
+    cdef str _source
+    cdef Py_ssize_t _local_start
+    cdef Py_ssize_t _local_end
+    cdef str domain
+    cdef int flags
+    cdef object params
+
+    cdef str local(self):
+        if self._local is None:
+            self._local = PyUnicode_Substring(self._source, self._local_start, self._local_end)
+        return self._local
+
+    cdef object as_tuple(self):
+        return _tuple5(ParsedPath, self.address, self.local(), self.domain, self.flags, self.params)
+
+
+cdef _Path _from_twin(object parsed):
+    cdef _Path path = _Path.__new__(_Path)
+    path.address, path._local, path.domain, path.flags, path.params = parsed
+    return path
+
+
+cdef int _local_flags(const unsigned char* local, Py_ssize_t length) except -1:
+    """_check_dot_string of the twin, on ASCII octets."""
+    cdef Py_ssize_t index
     cdef int flags = 0
-    cdef Py_UCS4 char, previous = 46
+    cdef unsigned char char, previous = 46
     if length == 0:
         raise ParseError(REASON_SYNTAX)
     for index in range(length):
@@ -235,79 +298,114 @@ cdef int _check_dot_string(str local) except -1:
             flags |= ENC_PERCENT
         elif char == 33:
             flags |= ENC_BANG
-        elif char < 128 and not _is_atext(char):
+        elif not _ATEXT_TABLE[char]:
             raise ParseError(REASON_SYNTAX)
         if char == 46 and (previous == 46 or previous == 64):
             raise ParseError(REASON_SYNTAX)
         previous = char
     if previous == 46:
         raise ParseError(REASON_SYNTAX)
-    if flags & ENC_MULTIPLE_AT and (local[0] == "@" or local[length - 1] == "@"):
+    if flags & ENC_MULTIPLE_AT and (local[0] == 64 or local[length - 1] == 64):
         flags |= ENC_TRAILING
-    if length >= 5 and local[:5].upper() == "IMCEA":
+    if length >= 5 and (local[0] | 32) == 105 and (local[1] | 32) == 109 and (local[2] | 32) == 99 \
+            and (local[3] | 32) == 101 and (local[4] | 32) == 97:  # "IMCEA", any case
         index = 5
-        while index < length:
-            char = local[index]
-            if not ((65 <= char <= 90) or (97 <= char <= 122) or (48 <= char <= 57)):
-                break
+        while index < length and (48 <= local[index] <= 57 or 65 <= (local[index] & ~32) <= 90):
             index += 1
-        if index < length and local[index] == "-":
+        if index < length and local[index] == 45:
             flags |= ENC_IMCEA
     return flags
 
 
-cdef object _parse_path(str arg, Py_ssize_t start, bint recipient):
-    cdef Py_ssize_t length = len(arg)
-    cdef Py_ssize_t position, close, at, mailbox_length
-    cdef int flags
-    cdef str mailbox, local, domain_text, domain
-    cdef Py_UCS4 first
-    while start < length and arg[start] == " ":
+cdef str _ascii_domain(const unsigned char* text, Py_ssize_t length, unsigned char* out):
+    """_canonical_ascii_domain on octets: the lower-cased name written to ``out``."""
+    cdef Py_ssize_t index, label_start = 0
+    cdef unsigned char char
+    if length and text[length - 1] == 46:
+        length -= 1
+    if length == 0 or length > MAX_DOMAIN:
+        raise ParseError(REASON_BAD_DOMAIN)
+    for index in range(length + 1):
+        char = text[index] if index < length else 46
+        if 65 <= char <= 90:
+            char |= 32
+        if char == 46:
+            if index == label_start or index - label_start > MAX_LABEL:
+                raise ParseError(REASON_BAD_DOMAIN)
+            if out[label_start] == 45 or out[index - 1] == 45:
+                raise ParseError(REASON_BAD_DOMAIN)
+            label_start = index + 1
+        elif not ((97 <= char <= 122) or (48 <= char <= 57) or char == 45):
+            raise ParseError(REASON_BAD_DOMAIN)
+        if index < length:
+            out[index] = char
+    return PyUnicode_DecodeASCII(<const char*> out, length, NULL)
+
+
+cdef _Path _parse_path(str arg, Py_ssize_t start, bint recipient):
+    """The common shape ``<local@domain> params`` in C; anything else in the twin's code."""
+    cdef Py_ssize_t length = PyUnicode_GET_LENGTH(arg)
+    cdef Py_ssize_t position, close, at, local_length
+    cdef const unsigned char* data
+    cdef const unsigned char* found
+    cdef unsigned char address[MAX_PATH + 2]
+    cdef _Path path
+    if not PyUnicode_IS_ASCII(arg):
+        return _from_twin(_twin._parse_path(arg, start, recipient))
+    data = PyUnicode_1BYTE_DATA(arg)
+    while start < length and data[start] == 32:
         start += 1
-    if start >= length or arg[start] != "<":
+    if start >= length or data[start] != 60:
         raise ParseError(REASON_SYNTAX)
     position = start + 1
-    if position < length:
-        first = arg[position]
-        if first == 64 or first == 34:  # '@' source route, '"' quoted local part
-            return _twin._parse_path(arg, start, recipient)
-    close = arg.find(">", position)
-    if close < 0:
+    if position < length and (data[position] == 64 or data[position] == 34):
+        return _from_twin(_twin._parse_path(arg, start, recipient))  # source route, quoted local part
+    found = <const unsigned char*> memchr(data + position, 62, length - position)
+    if found == NULL:
         raise ParseError(REASON_SYNTAX)
-    mailbox = arg[position:close]
-    at = mailbox.rfind("@")
-    if at <= 0 or not mailbox.isascii():
-        return _twin._parse_path(arg, start, recipient)  # null path, postmaster, UTF-8, ...
-    domain_text = mailbox[at + 1:]
-    if not domain_text or domain_text[0] == "[":
-        return _twin._parse_path(arg, start, recipient)
-    local = mailbox[:at]
-    flags = _check_dot_string(local)
-    mailbox_length = close - start - 1
-    if mailbox_length > MAX_PATH or len(local) > MAX_LOCAL_PART:
+    close = found - data
+    at = close - 1
+    while at >= position and data[at] != 64:
+        at -= 1
+    if at <= position or at + 1 == close or data[at + 1] == 91:
+        return _from_twin(_twin._parse_path(arg, start, recipient))  # null path, postmaster, literal...
+    local_length = at - position
+    path = _Path.__new__(_Path)
+    path.flags = _local_flags(data + position, local_length)
+    if close - start - 1 > MAX_PATH or local_length > MAX_LOCAL_PART:
         raise ParseError(REASON_PATH_TOO_LONG)
-    if domain_text[len(domain_text) - 1] == ".":
-        flags |= ENC_TRAILING
-    domain = _canonical_ascii_domain(domain_text)
-    if close + 1 < length:
-        params = _twin._parse_params(arg, close + 1)
-    else:
-        params = {}
-    return _new_tuple(ParsedPath, (local + "@" + domain, local, domain, flags, params))
+    if data[close - 1] == 46:
+        path.flags |= ENC_TRAILING
+    # One buffer holds "local@domain": the domain is canonicalized straight into its place.
+    memcpy(address, data + position, local_length + 1)
+    path.domain = _ascii_domain(data + at + 1, close - at - 1, address + local_length + 1)
+    path._source, path._local_start, path._local_end = arg, position, at
+    path.address = PyUnicode_DecodeASCII(<const char*> address, local_length + 1 + PyUnicode_GET_LENGTH(path.domain),
+                                         NULL)
+    path.params = _twin._parse_params(arg, close + 1) if close + 1 < length else {}
+    return path
 
 
 def parse_mail_from(str arg):
     """Parse the argument of ``MAIL`` (``FROM:<path> params``); ``<>`` is the null path."""
     if arg[:5].upper() != "FROM:":
         raise ParseError(REASON_SYNTAX)
-    return _parse_path(arg, 5, False)
+    return _parse_path(arg, 5, False).as_tuple()
 
 
 def parse_rcpt_to(str arg):
     """Parse the argument of ``RCPT`` (``TO:<path> params``); ``<postmaster>`` has no domain."""
-    if arg[:3].upper() != "TO:":
+    if not _starts_with_to(arg):
         raise ParseError(REASON_SYNTAX)
-    return _parse_path(arg, 3, True)
+    return _parse_path(arg, 3, True).as_tuple()
+
+
+cdef inline bint _starts_with_to(str arg):
+    """``arg[:3].upper() == "TO:"`` without the two new strings."""
+    if PyUnicode_GET_LENGTH(arg) < 3:
+        return False
+    cdef Py_UCS4 t = arg[0], o = arg[1], colon = arg[2]
+    return (t == 84 or t == 116) and (o == 79 or o == 111) and colon == 58
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,47 +474,47 @@ cdef class RcptMatcher:
 
     def decide(self, str arg, int grant):
         """Decide one ``RCPT`` argument for a session holding ``grant`` (a ``GRANT_*``)."""
-        if arg[:3].upper() != "TO:":
+        if not _starts_with_to(arg):
             raise ParseError(REASON_SYNTAX)
-        path = _parse_path(arg, 3, True)
-        cdef str address = path[0]
-        cdef str local = path[1]
-        cdef str domain = path[2]
-        cdef int flags = path[3]
-        params = path[4]
+        cdef _Path path = _parse_path(arg, 3, True)
+        cdef str address = path.address
+        cdef str domain = path.domain
+        cdef int flags = path.flags
+        cdef object directory
         if flags & ENC_IP_LITERAL and self._local._contains(domain):
             flags &= ~ENC_IP_LITERAL
         cdef bint may_relay = grant == GRANT_AUTHENTICATED or grant == GRANT_ALLOW_LIST or grant == GRANT_LISTENER
         if flags and not may_relay:
             return _verdict(ACTION_REJECT, RULE_RELAY_NEVER if grant == GRANT_NEVER else RULE_ENCAPSULATED,
-                            address, domain, params)
+                            address, domain, path.params)
         if not domain:
-            return _verdict(ACTION_FORWARD, RULE_LOCAL, address, domain, params)
-        target = self._rewrite.get(domain)
-        if target is not None:
-            domain = target
-            address = local + "@" + domain
+            return _verdict(ACTION_FORWARD, RULE_LOCAL, address, domain, path.params)
+        if self._rewrite:
+            target = self._rewrite.get(domain)
+            if target is not None:
+                domain = target
+                address = path.local() + "@" + domain
         if self._local._contains(domain):
-            directory = self._directories.get(domain)
+            directory = self._directories.get(domain) if self._directories else None
             if directory is None:
-                return _verdict(ACTION_FORWARD, RULE_LOCAL, address, domain, params)
-            if local.lower() in directory:
-                return _verdict(ACTION_FORWARD, RULE_LOCAL_DIRECTORY, address, domain, params)
-            return _verdict(ACTION_REJECT, RULE_UNKNOWN_USER, address, domain, params)
+                return _verdict(ACTION_FORWARD, RULE_LOCAL, address, domain, path.params)
+            if path.local().lower() in directory:
+                return _verdict(ACTION_FORWARD, RULE_LOCAL_DIRECTORY, address, domain, path.params)
+            return _verdict(ACTION_REJECT, RULE_UNKNOWN_USER, address, domain, path.params)
         if self._relay._contains(domain):
-            return _verdict(ACTION_FORWARD, RULE_RELAY_DOMAIN, address, domain, params)
+            return _verdict(ACTION_FORWARD, RULE_RELAY_DOMAIN, address, domain, path.params)
         if grant == GRANT_AUTHENTICATED:
-            return _verdict(ACTION_FORWARD, RULE_RELAY_AUTHENTICATED, address, domain, params)
+            return _verdict(ACTION_FORWARD, RULE_RELAY_AUTHENTICATED, address, domain, path.params)
         if grant == GRANT_ALLOW_LIST:
-            return _verdict(ACTION_FORWARD, RULE_RELAY_ALLOW_LIST, address, domain, params)
+            return _verdict(ACTION_FORWARD, RULE_RELAY_ALLOW_LIST, address, domain, path.params)
         if grant == GRANT_LISTENER:
-            return _verdict(ACTION_FORWARD, RULE_RELAY_LISTENER, address, domain, params)
+            return _verdict(ACTION_FORWARD, RULE_RELAY_LISTENER, address, domain, path.params)
         return _verdict(ACTION_REJECT, RULE_RELAY_NEVER if grant == GRANT_NEVER else RULE_RELAY_DENIED,
-                        address, domain, params)
+                        address, domain, path.params)
 
 
 cdef inline object _verdict(int action, int rule, str address, str domain, object params):
-    return _new_tuple(RcptVerdict, (action, rule, address, domain, params))
+    return _tuple5(RcptVerdict, action, rule, address, domain, params)
 
 
 # ---------------------------------------------------------------------------------------------
