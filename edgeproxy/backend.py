@@ -198,8 +198,10 @@ class BackendConnection(asyncio.Protocol):
             return
         for line in xclient_commands(identity, self.xclient_attributes):
             self._queue.append((_XCLIENT, line))
-        # XCLIENT restarts the backend's session: it greets again and wants a new EHLO.
-        self._queue.append((_EHLO, f"EHLO {self._pool.hostname}\r\n".encode()))
+        # XCLIENT restarts the backend's session: it greets again and wants a new EHLO, whose
+        # name would replace the announced HELO, so it must be the client's own.
+        helo = identity.helo or self._pool.hostname
+        self._queue.append((_EHLO, f"EHLO {helo}\r\n".encode()))
         self.announced = identity
 
     def _flush(self) -> None:
