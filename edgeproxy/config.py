@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeproxy.errors import ConfigError
-from edgeproxy.fastpath import CidrSet, DomainSet, ParseError, canonical_domain
+from edgeproxy.fastpath import CidrSet, DomainSet, ParseError, canonical_domain, parse_rcpt_to
 from edgeproxy.fastpath_common import REASON_SYNTAX
 from edgeproxy.smtp.replies import POLICY_DEFAULTS, POLICY_INHERITS, POLICY_RULES, Reply
 
@@ -143,10 +143,11 @@ def _converted(text: str, convert: Callable[[str], Any], expected: str) -> tuple
 
 
 def _address(entry: str) -> str:
-    local, at, domain = entry.rpartition("@")
-    if not at or not local:
+    """A full address, checked by the same parser as RCPT TO, lower-cased for lookups."""
+    path = parse_rcpt_to(f"TO:<{entry}>")
+    if not path.domain:
         raise ParseError(REASON_SYNTAX)
-    return local.lower() + "@" + canonical_domain(domain)
+    return path.local.lower() + "@" + path.domain
 
 
 def _rewrite_pair(entry: str) -> tuple[str, str]:
@@ -176,6 +177,24 @@ def _parse_addresses(text: str) -> tuple[str, ...]:
 def _parse_sender_deny(text: str) -> tuple[str, ...]:
     """Addresses (``user@domain``), domains (``domain``) and wildcards (``.domain``)."""
     return _converted(text, _sender_entry, "user@domain, domain or .domain")
+
+
+def _parse_hostname(text: str) -> str:
+    """Empty (the host's FQDN is used), or a name fit for the greeting and Received: lines."""
+    text = text.strip()
+    if not text:
+        return ""
+    try:
+        return canonical_domain(text)
+    except ParseError:
+        raise ValueError("expected a domain name") from None
+
+
+def _parse_directory(text: str) -> str:
+    text = text.strip()
+    if text and os.path.exists(text) and not os.path.isdir(text):
+        raise ValueError("exists and is not a directory")
+    return text
 
 
 def _parse_workers(text: str) -> int:
@@ -214,7 +233,7 @@ _SETTINGS_VARIABLES: tuple[Variable, ...] = (
     Variable("BACKEND", _parse_backend, "",
              "The real mail server; empty starts an embedded sink for trying edgeproxy out",
              "10.0.0.10:25"),
-    Variable("HOSTNAME", str.strip, "",
+    Variable("HOSTNAME", _parse_hostname, "",
              "Name in the greeting and the Received: header; empty uses the host's FQDN",
              "mx1.example.com"),
     Variable("LOCAL_DOMAINS", _parse_domains, "example.test",
@@ -281,7 +300,7 @@ _SETTINGS_VARIABLES: tuple[Variable, ...] = (
              "Processes sharing the listeners (SO_REUSEPORT); 'auto' = one per core", "auto"),
     Variable("DRAIN_TIMEOUT", _seconds_parser(0), "30",
              "Seconds SIGTERM waits for transactions in flight", "60"),
-    Variable("SINK_DIR", str.strip, "",
+    Variable("SINK_DIR", _parse_directory, "",
              "Where the embedded sink writes messages; empty makes a temporary directory",
              "/var/tmp/edgeproxy-sink"),
     Variable("LOG_LEVEL", _choice_parser("debug", "info", "warning", "error"), "info",
