@@ -48,6 +48,7 @@ from edgeproxy.fastpath_common import (
     ParsedPath,
     ParseError,
     RcptVerdict,
+    local_key,
 )
 
 # C copies of edgeproxy.fastpath_common's constants, checked against it at import below.
@@ -488,6 +489,8 @@ cdef class RcptMatcher:
             return _verdict(ACTION_REJECT, RULE_RELAY_NEVER if grant == GRANT_NEVER else RULE_ENCAPSULATED,
                             address, domain, path.params)
         if not domain:
+            if flags:
+                raise ParseError(REASON_SYNTAX)  # "user@": no domain to decide on
             return _verdict(ACTION_FORWARD, RULE_LOCAL, address, domain, path.params)
         if self._rewrite:
             target = self._rewrite.get(domain)
@@ -498,7 +501,7 @@ cdef class RcptMatcher:
             directory = self._directories.get(domain) if self._directories else None
             if directory is None:
                 return _verdict(ACTION_FORWARD, RULE_LOCAL, address, domain, path.params)
-            if path.local().lower() in directory:
+            if local_key(path.local()) in directory:
                 return _verdict(ACTION_FORWARD, RULE_LOCAL_DIRECTORY, address, domain, path.params)
             return _verdict(ACTION_REJECT, RULE_UNKNOWN_USER, address, domain, path.params)
         if self._relay._contains(domain):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 
+import idna
 import pytricia
 
 from edgeproxy.fastpath_common import (
@@ -60,6 +61,7 @@ from edgeproxy.fastpath_common import (
     ParsedPath,
     ParseError,
     RcptVerdict,
+    local_key,
 )
 
 # RFC 5322 atext, plus the dot of a dot-string.
@@ -125,9 +127,11 @@ def canonical_domain(text: str) -> str:
     if text[0] == "[":
         return _canonical_literal(text)
     if not text.isascii():
+        # IDNA 2008 with UTS 46 mapping, as mail software does today: "ß" stays a letter of its
+        # own (xn--strae-oqa) instead of IDNA 2003's "ss".
         try:
-            text = text.encode("idna").decode("ascii")
-        except UnicodeError:
+            text = idna.encode(text, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
             raise ParseError(REASON_BAD_DOMAIN) from None
     text = text.lower()
     if len(text) > MAX_DOMAIN:
@@ -252,6 +256,11 @@ def _parse_path(arg: str, start: int, recipient: bool) -> ParsedPath:
             if recipient:
                 raise ParseError(REASON_NULL_RECIPIENT)
             return ParsedPath("", "", "", 0, _parse_params(arg, close + 1))
+        if mailbox.endswith("@") and "@" in mailbox[:-1]:
+            # A trailing "@" is an encapsulation, decided like a trailing dot: flagged, then
+            # dropped, so that every rule still sees the real domain.
+            flags |= ENC_TRAILING
+            mailbox = mailbox[:-1]
         at = mailbox.rfind("@")
         if at < 0:
             if recipient and not flags and mailbox.lower() == "postmaster":
@@ -448,6 +457,8 @@ class RcptMatcher:
             return RcptVerdict(ACTION_REJECT, rule, path.address, domain, path.params)
         address = path.address
         if not domain:
+            if flags:
+                raise ParseError(REASON_SYNTAX)  # "user@": no domain to decide on
             # <postmaster> (RFC 5321 §4.5.1) is always ours.
             return RcptVerdict(ACTION_FORWARD, RULE_LOCAL, address, domain, path.params)
         target = self._rewrite.get(domain)
@@ -458,7 +469,7 @@ class RcptMatcher:
             directory = self._directories.get(domain)
             if directory is None:
                 return RcptVerdict(ACTION_FORWARD, RULE_LOCAL, address, domain, path.params)
-            if path.local.lower() in directory:
+            if local_key(path.local) in directory:
                 return RcptVerdict(ACTION_FORWARD, RULE_LOCAL_DIRECTORY, address, domain, path.params)
             return RcptVerdict(ACTION_REJECT, RULE_UNKNOWN_USER, address, domain, path.params)
         if domain in self._relay:

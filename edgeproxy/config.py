@@ -17,7 +17,7 @@ from typing import Any
 
 from edgeproxy.errors import ConfigError
 from edgeproxy.fastpath import CidrSet, DomainSet, ParseError, canonical_domain, parse_rcpt_to
-from edgeproxy.fastpath_common import REASON_SYNTAX
+from edgeproxy.fastpath_common import REASON_SYNTAX, local_key
 from edgeproxy.smtp.replies import POLICY_DEFAULTS, POLICY_INHERITS, POLICY_RULES, Reply
 
 PREFIX = "EDGEPROXY_"
@@ -106,13 +106,27 @@ def parse_host_port(text: str) -> tuple[str, int]:
         host, _, port_text = text.rpartition(":")
         if not host or ":" in host:
             raise ValueError("expected host:port (IPv6 as [addr]:port)")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            try:
+                canonical_domain(host)
+            except ParseError:
+                raise ValueError(f"{host!r} is neither an address nor a host name") from None
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError("expected a port from 0 to 65535")
     return host, int(port_text)
 
 
 def _parse_listeners(text: str) -> tuple[tuple[str, int], ...]:
     return tuple(parse_host_port(entry) for entry in parse_list(text))
+
+
+def _parse_required_listeners(text: str) -> tuple[tuple[str, int], ...]:
+    listeners = _parse_listeners(text)
+    if not listeners:
+        raise ValueError("at least one address to listen on is needed")
+    return listeners
 
 
 def _parse_backend(text: str) -> tuple[str, int] | None:
@@ -147,7 +161,7 @@ def _address(entry: str) -> str:
     path = parse_rcpt_to(f"TO:<{entry}>")
     if not path.domain:
         raise ParseError(REASON_SYNTAX)
-    return path.local.lower() + "@" + path.domain
+    return local_key(path.local) + "@" + path.domain
 
 
 def _rewrite_pair(entry: str) -> tuple[str, str]:
@@ -225,7 +239,7 @@ class Variable:
 
 
 _SETTINGS_VARIABLES: tuple[Variable, ...] = (
-    Variable("LISTEN", _parse_listeners, "127.0.0.1:2525",
+    Variable("LISTEN", _parse_required_listeners, "127.0.0.1:2525",
              "Addresses to accept SMTP on (IPv4 and [IPv6])", "0.0.0.0:25,[::]:25"),
     Variable("RELAY_LISTEN", _parse_listeners, "",
              "Extra listeners whose clients may relay (Exchange's 'clients connecting to these "
@@ -374,8 +388,10 @@ class Settings:
         for variable in VARIABLES:
             raw = environ.get(variable.env)
             text = variable.default if raw is None else raw
-            if variable.name.startswith("REPLY_") and not text:
-                continue  # inherits; resolved below
+            if variable.name.startswith("REPLY_") and not text.strip():
+                if not variable.default:
+                    continue  # inherits; resolved below
+                text = variable.default  # set but empty: the default, as if unset
             try:
                 value = variable.parse(text)
             except ValueError as error:

@@ -6,6 +6,7 @@ or exception from one compares equal to the other's.
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 from edgeproxy.errors import ParseError
@@ -93,6 +94,17 @@ VIOLATION_BARE_CR = 1
 VIOLATION_BARE_LF = 2
 VIOLATION_LINE_TOO_LONG = 3
 VIOLATION_TOO_BIG = 4
+
+
+def local_key(local: str) -> str:
+    """A local part as directories and deny lists know it: unquoted and case-folded.
+
+    ``"john.doe"`` and ``john.doe`` are one mailbox (RFC 5321 §4.1.2); quoting must neither hide
+    a listed sender nor turn away a listed recipient.
+    """
+    if len(local) >= 2 and local[0] == '"' and local[-1] == '"':
+        local = re.sub(r"\\(.)", r"\1", local[1:-1])
+    return local.lower()
 
 
 class ParsedPath(NamedTuple):

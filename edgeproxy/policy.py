@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from edgeproxy import fastpath_common as fc
 from edgeproxy.config import Settings
 from edgeproxy.fastpath import CidrSet, DomainSet, ParsedPath, RcptMatcher, RcptVerdict
+from edgeproxy.fastpath_common import local_key
 from edgeproxy.smtp.replies import Reply
 
 # RCPT rules that refuse, and the reply-table entry each answers with.
@@ -84,7 +85,7 @@ class Policy:
             return Refusal("message_too_big", self.replies["MESSAGE_TOO_BIG"])
         if not path.address:
             return None
-        if path.local.lower() + "@" + path.domain in self._sender_addresses:
+        if local_key(path.local) + "@" + path.domain in self._sender_addresses:
             return Refusal("sender_deny", self.replies["SENDER_DENIED"])
         if path.domain in self.local_domains:
             return None
