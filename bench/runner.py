@@ -91,11 +91,13 @@ class Sampler:
         self.cpu_used = self.cpu() - self._cpu_start
 
 
-def start_system(system: str, sink: SmtpSink, stack: ExitStack, workers: int) -> Server | None:
+def start_system(system: str, sink: SmtpSink, stack: ExitStack, workers: int, concurrency: int) -> Server | None:
     if system == "direct":
         return None
     if system == "edgeproxy":
-        return stack.enter_context(EdgeproxyServer(sink.address, workers=workers))
+        # Enough pooled backend connections for the offered concurrency, as an operator would set.
+        pool = str(max(64, concurrency))
+        return stack.enter_context(EdgeproxyServer(sink.address, workers=workers, backend_pool_size=pool))
     if system == "haproxy":
         return stack.enter_context(HaproxyTcp(sink.address))
     if system == "postfix":
@@ -135,7 +137,7 @@ def measure(scenario: str, system: str, concurrency: int, duration: float, sessi
             workers: int, processes: int) -> Measurement:
     with ExitStack() as stack:
         sink = stack.enter_context(SmtpSink())
-        server = start_system(system, sink, stack, workers)
+        server = start_system(system, sink, stack, workers, concurrency)
         target = server if server is not None else sink
         pids = target.pids()
         job = loadgen.Job(target.host, target.port, scenario, concurrency, duration, sessions, message_size)

@@ -100,7 +100,8 @@ class ClientProtocol(asyncio.Protocol):
         self.session: SmtpSession | None = None
         self.backend: BackendConnection | None = None
         self.client = "?"
-        self.log = log
+        self.session_id = ""
+        self._log: structlog.typing.FilteringBoundLogger | None = None
         self._admitted = False
         self._closing = False
         self._reading = True
@@ -121,8 +122,7 @@ class ClientProtocol(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         state = self.state
         policy = state.policy
-        session_id = state.new_session_id()
-        self.log = log.bind(session=session_id, client=self.client)
+        session_id = self.session_id = state.new_session_id()
         refusal = policy.check_connect(self.client)
         if refusal is None and state.draining:
             self._refuse_connection("shutting_down", r.SHUTTING_DOWN)
@@ -208,6 +208,13 @@ class ClientProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._set_reading(True)
+
+    @property
+    def log(self) -> structlog.typing.FilteringBoundLogger:
+        """The connection's logger, bound on first use: most sessions log one line or none."""
+        if self._log is None:
+            self._log = log.bind(session=self.session_id, client=self.client)
+        return self._log
 
     # -- backend side (BackendOwner) -----------------------------------------------------------
 

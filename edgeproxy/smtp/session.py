@@ -12,6 +12,7 @@ are commands after a ``503`` and body after a ``354``, and guessing is how pipel
 from __future__ import annotations
 
 import email.utils
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -273,8 +274,7 @@ class SmtpSession:
         if not esmtp:
             self._reply(f"250 {self.limits.hostname}\r\n".encode())
             return
-        lines = [self.limits.hostname, *self.capabilities.ehlo_keywords()]
-        self._reply(r.multiline(250, lines))
+        self._reply(_ehlo_reply(self.limits.hostname, self.capabilities))
 
     def _ehlo_command(self, arg: str) -> None:
         self._helo(arg, True)
@@ -459,7 +459,7 @@ class SmtpSession:
 
     def _received_header(self) -> bytes:
         now = self._clock() if self._clock is not None else time.time()
-        date = email.utils.format_datetime(datetime.fromtimestamp(now, UTC))
+        date = _rfc5322_date(int(now))
         protocol = "ESMTP" if self.esmtp else "SMTP"
         if self._mail is not None and "SMTPUTF8" in self._mail.params:
             protocol = "UTF8SMTP"
@@ -496,6 +496,17 @@ class SmtpSession:
         if delivered:
             self.stats.messages += 1
         self._events.append(ev.TransactionEnded(delivered, recipients, size, code))
+
+
+@functools.lru_cache(maxsize=16)
+def _ehlo_reply(hostname: str, capabilities: Capabilities) -> bytes:
+    return r.multiline(250, [hostname, *capabilities.ehlo_keywords()])
+
+
+@functools.lru_cache(maxsize=4)
+def _rfc5322_date(second: int) -> str:
+    """The Received: date; a second's worth of messages share one formatting."""
+    return email.utils.format_datetime(datetime.fromtimestamp(second, UTC))
 
 
 def _violation_rule(violation: int) -> str:
