@@ -1,23 +1,27 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """The compiled fast path: the same API and results as edgeproxy/_fastpath_py.py, faster.
 
-What runs per line, per RCPT or per body chunk is typed C here: the command tokenizer, the
-common shape of a path (``<local@domain.example>``), domain matching, CIDR lookups and the DATA
-scanner. Rare shapes (quoted local parts, source routes, address literals, non-ASCII text, the
-null path, bare ``postmaster``) are handed to the pure-Python twin's own code, so for them the
-two cannot disagree; the differential test checks the rest on generated input.
+What runs per line, per RCPT or per body chunk is typed C here, working on the octets of ASCII
+text: the command tokenizer, the common shape of a path (``<local@domain.example> params``),
+domain matching, CIDR lookups, the RCPT verdict and the DATA scanner. Rare shapes (quoted local
+parts, source routes, address literals, non-ASCII text, the null path, bare ``postmaster``,
+arguments of an unexpected type) are handed to the pure-Python twin's own code, so for them the
+two cannot disagree; tests/test_fastpath_differential.py checks the rest on generated input.
 """
 
 cimport cython
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8, PyUnicode_Substring
+from libc.stdint cimport uint32_t
 from libc.string cimport memchr, memcpy
 
 
 cdef extern from *:
     """
     /* A 5-field NamedTuple instance, made as CPython's tuple_subtype_new makes one (tp_alloc,
-       then the items), without a Python-level call to tuple.__new__ per result. */
+       then the items), without a Python-level call to tuple.__new__ per result: that call was
+       a third of the cost of a whole RCPT verdict. */
     static PyObject* edgeproxy_tuple5(PyObject* type, PyObject* a, PyObject* b, PyObject* c,
                                       PyObject* d, PyObject* e) {
         PyTypeObject* tp = (PyTypeObject*) type;
@@ -36,22 +40,22 @@ cdef extern from *:
 
 cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object text)
-    const unsigned char* PyUnicode_1BYTE_DATA(object text)
+    # Writable: strings made by PyUnicode_New below are filled in place before anyone sees them.
+    unsigned char* PyUnicode_1BYTE_DATA(object text)
     Py_ssize_t PyUnicode_GET_LENGTH(object text)
+    object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
+
 
 import ipaddress
 
 import pytricia
 
 from edgeproxy import _fastpath_py as _twin
-from edgeproxy.fastpath_common import (
-    ParsedPath,
-    ParseError,
-    RcptVerdict,
-    local_key,
-)
+from edgeproxy import fastpath_common as _common
+from edgeproxy.fastpath_common import ParsedPath, ParseError, RcptVerdict, local_key
 
-# C copies of edgeproxy.fastpath_common's constants, checked against it at import below.
+# C copies of edgeproxy.fastpath_common's constants (C code needs compile-time values), checked
+# against it at import below, so the two cannot drift apart silently.
 cdef enum:
     ENC_PERCENT = 1
     ENC_BANG = 2
@@ -86,17 +90,24 @@ cdef enum:
     MAX_LABEL = 63
     MAX_PATH = 256
 
-from edgeproxy import fastpath_common as _common
-
-assert (_common.ENC_PERCENT, _common.ENC_BANG, _common.ENC_MULTIPLE_AT, _common.ENC_TRAILING,
-        _common.ENC_IP_LITERAL, _common.ENC_IMCEA) == (1, 2, 16, 32, 64, 128)
-assert (_common.GRANT_NONE, _common.GRANT_AUTHENTICATED, _common.GRANT_ALLOW_LIST, _common.GRANT_LISTENER,
-        _common.GRANT_NEVER) == (0, 1, 2, 3, 4)
-# The C constructor above relies on both result types being plain 5-field tuple subclasses.
-assert ParsedPath.__mro__[1] is tuple and len(ParsedPath._fields) == 5 and ParsedPath.__slots__ == ()
-assert RcptVerdict.__mro__[1] is tuple and len(RcptVerdict._fields) == 5 and RcptVerdict.__slots__ == ()
-assert (_common.RULE_LOCAL, _common.RULE_RELAY_DENIED, _common.VIOLATION_TOO_BIG,
-        _common.MAX_PATH, _common.MAX_DOMAIN) == (0, 9, 4, 256, 255)
+if (
+    (_common.ENC_PERCENT, _common.ENC_BANG, _common.ENC_MULTIPLE_AT, _common.ENC_TRAILING,
+     _common.ENC_IP_LITERAL, _common.ENC_IMCEA) != (1, 2, 16, 32, 64, 128)
+    or (_common.GRANT_NONE, _common.GRANT_AUTHENTICATED, _common.GRANT_ALLOW_LIST, _common.GRANT_LISTENER,
+        _common.GRANT_NEVER) != (0, 1, 2, 3, 4)
+    or (_common.ACTION_FORWARD, _common.ACTION_REJECT) != (0, 1)
+    or (_common.RULE_LOCAL, _common.RULE_LOCAL_DIRECTORY, _common.RULE_RELAY_DOMAIN,
+        _common.RULE_RELAY_AUTHENTICATED, _common.RULE_RELAY_ALLOW_LIST, _common.RULE_RELAY_LISTENER,
+        _common.RULE_ENCAPSULATED, _common.RULE_UNKNOWN_USER, _common.RULE_RELAY_NEVER,
+        _common.RULE_RELAY_DENIED) != tuple(range(10))
+    or (_common.VIOLATION_NONE, _common.VIOLATION_BARE_CR, _common.VIOLATION_BARE_LF,
+        _common.VIOLATION_LINE_TOO_LONG, _common.VIOLATION_TOO_BIG) != (0, 1, 2, 3, 4)
+    or (_common.MAX_LOCAL_PART, _common.MAX_DOMAIN, _common.MAX_LABEL, _common.MAX_PATH) != (64, 255, 63, 256)
+    # edgeproxy_tuple5 relies on both result types being plain 5-field tuple subclasses.
+    or ParsedPath.__mro__[1] is not tuple or len(ParsedPath._fields) != 5 or ParsedPath.__slots__ != ()
+    or RcptVerdict.__mro__[1] is not tuple or len(RcptVerdict._fields) != 5 or RcptVerdict.__slots__ != ()
+):
+    raise ImportError("edgeproxy._fastpath was built against other fastpath_common constants: rebuild it")
 
 REASON_LINE_TOO_LONG = _common.REASON_LINE_TOO_LONG
 REASON_BARE_CR = _common.REASON_BARE_CR
@@ -107,22 +118,85 @@ REASON_BAD_UTF8 = _common.REASON_BAD_UTF8
 REASON_SYNTAX = _common.REASON_SYNTAX
 REASON_BAD_DOMAIN = _common.REASON_BAD_DOMAIN
 REASON_PATH_TOO_LONG = _common.REASON_PATH_TOO_LONG
+REASON_BAD_PARAMETER = _common.REASON_BAD_PARAMETER
 
+
+# ---------------------------------------------------------------------------------------------
+# Octet classes, built once at import
+
+# Command-line octets the tokenizer refuses, as bits, so one OR per octet classifies a line.
+cdef enum:
+    LINE_CR = 1
+    LINE_LF = 2
+    LINE_NUL = 4
+    LINE_EIGHT_BIT = 8
+
+cdef unsigned char _LINE_CLASS[256]
+cdef unsigned char _ATEXT[256]  # RFC 5322 atext, plus "."
+cdef unsigned char _LDH[256]  # a lower-cased domain label: letters, digits, "-"
+cdef unsigned char _PARAM_KEY[256]  # an ESMTP keyword: letters, digits, "-"
+cdef unsigned char _PARAM_VALUE[256]  # an ESMTP value: no control, space, "=" or DEL
+cdef unsigned char _LOWER[256]
+
+for _code in range(256):
+    _LINE_CLASS[_code] = (LINE_CR if _code == 13 else LINE_LF if _code == 10 else LINE_NUL if _code == 0
+                          else LINE_EIGHT_BIT if _code >= 128 else 0)
+    _ATEXT[_code] = _code < 128 and chr(_code) in _twin._ATEXT
+    _LDH[_code] = _code < 128 and chr(_code) in _twin._LDH
+    _PARAM_KEY[_code] = _code < 128 and chr(_code) in _twin._PARAM_KEY
+    _PARAM_VALUE[_code] = not (_code < 33 or _code == 61 or _code == 127)
+    _LOWER[_code] = _code + 32 if 65 <= _code <= 90 else _code
+
+
+cdef inline unsigned char _upper(unsigned char char) noexcept:
+    return char - 32 if 97 <= char <= 122 else char
+
+
+cdef str _ascii_upper(const unsigned char* data, Py_ssize_t length):
+    """A new str of ``length`` ASCII octets, upper-cased while copied (no intermediate string)."""
+    cdef object text = PyUnicode_New(length, 127)
+    cdef unsigned char* out = PyUnicode_1BYTE_DATA(text)
+    cdef Py_ssize_t index
+    for index in range(length):
+        out[index] = _upper(data[index])
+    return <str> text
+
+
+cdef inline str _ascii(const unsigned char* data, Py_ssize_t length):
+    return PyUnicode_DecodeASCII(<const char*> data, length, NULL)
 
 
 # ---------------------------------------------------------------------------------------------
 # Command lines
 
 
-def parse_command(bytes line, bint smtputf8, Py_ssize_t max_length):
-    """Split one command line, CRLF included, into an upper-case verb and its argument."""
+cdef bint _as_size(object value, Py_ssize_t* out):
+    """Store an int that fits a Py_ssize_t in ``out``; False for anything else (left to the twin)."""
+    if type(value) is not int:
+        return False
+    try:
+        out[0] = value
+    except OverflowError:
+        return False
+    return True
+
+
+def parse_command(line, smtputf8, max_length):
+    """Split one command line, CRLF included, into an upper-case verb and its argument.
+
+    Works on the octets and decodes each part once: the verb is upper-cased while copied, and
+    the trailing blanks of the argument are dropped before decoding. In UTF-8 the octet 0x20 is
+    only ever a space, so splitting octets is splitting characters.
+    """
+    cdef Py_ssize_t limit = 0
+    if type(line) is not bytes or not _as_size(max_length, &limit):
+        return _twin.parse_command(line, smtputf8, max_length)  # bytearray and odder types
     cdef Py_ssize_t length = PyBytes_GET_SIZE(line)
     cdef const unsigned char* data = <const unsigned char*> PyBytes_AS_STRING(line)
-    cdef Py_ssize_t index, body_length
-    cdef unsigned char byte
-    cdef bint eight_bit = False
-    cdef bint saw_cr = False, saw_lf = False, saw_nul = False
-    if length > max_length:
+    cdef Py_ssize_t index, body_length, verb_length, argument_start, argument_end
+    cdef unsigned char found = 0
+    cdef const unsigned char* space
+    if length > limit:
         raise ParseError(REASON_LINE_TOO_LONG)
     if length < 2 or data[length - 2] != 13 or data[length - 1] != 10:
         if length >= 1 and data[length - 1] == 10:
@@ -130,106 +204,108 @@ def parse_command(bytes line, bint smtputf8, Py_ssize_t max_length):
         raise ParseError(REASON_SYNTAX)
     body_length = length - 2
     for index in range(body_length):
-        byte = data[index]
-        if byte < 14:
-            if byte == 13:
-                saw_cr = True
-            elif byte == 10:
-                saw_lf = True
-            elif byte == 0:
-                saw_nul = True
-        elif byte >= 128:
-            eight_bit = True
+        found |= _LINE_CLASS[data[index]]
     # The twin checks in this order; so must we, for identical reasons on mixed input.
-    if saw_cr:
+    if found & LINE_CR:
         raise ParseError(REASON_BARE_CR)
-    if saw_lf:
+    if found & LINE_LF:
         raise ParseError(REASON_BARE_LF)
-    if saw_nul:
+    if found & LINE_NUL:
         raise ParseError(REASON_NUL)
-    cdef str text
-    if not eight_bit:
-        text = PyUnicode_DecodeASCII(<const char*> data, body_length, NULL)
-    elif not smtputf8:
+    if found & LINE_EIGHT_BIT and not smtputf8:
         raise ParseError(REASON_EIGHT_BIT)
-    else:
-        try:
-            text = PyUnicode_DecodeUTF8(<const char*> data, body_length, NULL)
-        except UnicodeDecodeError:
-            raise ParseError(REASON_BAD_UTF8) from None
-    cdef Py_ssize_t space = text.find(" ")
-    if space < 0:
-        return text.upper(), ""
-    return text[:space].upper(), text[space + 1:].rstrip(" ")
+    space = <const unsigned char*> memchr(data, 32, body_length)
+    verb_length = (space - data) if space != NULL else body_length
+    argument_start = verb_length + 1
+    argument_end = body_length
+    while argument_end > argument_start and data[argument_end - 1] == 32:
+        argument_end -= 1
+    if not found & LINE_EIGHT_BIT:
+        verb = _ascii_upper(data, verb_length)
+        argument = _ascii(data + argument_start, argument_end - argument_start) if space != NULL else ""
+        return verb, argument
+    try:
+        verb = PyUnicode_DecodeUTF8(<const char*> data, verb_length, NULL)
+        argument = (PyUnicode_DecodeUTF8(<const char*> data + argument_start, argument_end - argument_start, NULL)
+                    if space != NULL else "")
+    except UnicodeDecodeError:
+        raise ParseError(REASON_BAD_UTF8) from None
+    return verb.upper(), argument
 
 
 # ---------------------------------------------------------------------------------------------
 # Domains
 
 
-cdef inline bint _is_ldh(Py_UCS4 char):
-    return (97 <= char <= 122) or (48 <= char <= 57) or char == 45
-
-
-cdef str _canonical_ascii_domain(str text):
-    """canonical_domain for an ASCII name that is not an address literal; None if not ASCII."""
-    cdef Py_ssize_t length = len(text)
+cdef str _ascii_domain(const unsigned char* text, Py_ssize_t length):
+    """canonical_domain of ASCII octets that are not an address literal, in one pass."""
     cdef Py_ssize_t index, label_start = 0
-    cdef Py_UCS4 char
-    if length and text[length - 1] == ".":
-        text = text[:length - 1]
+    cdef unsigned char char
+    cdef object result
+    cdef unsigned char* out
+    if length and text[length - 1] == 46:
         length -= 1
-    if length == 0:
+    if length == 0 or length > MAX_DOMAIN:
         raise ParseError(REASON_BAD_DOMAIN)
-    text = text.lower()
-    if length > MAX_DOMAIN:
-        raise ParseError(REASON_BAD_DOMAIN)
+    result = PyUnicode_New(length, 127)
+    out = PyUnicode_1BYTE_DATA(result)
     for index in range(length + 1):
-        char = text[index] if index < length else 46
+        char = _LOWER[text[index]] if index < length else 46
         if char == 46:
             if index == label_start or index - label_start > MAX_LABEL:
                 raise ParseError(REASON_BAD_DOMAIN)
-            if text[label_start] == "-" or text[index - 1] == "-":
+            if out[label_start] == 45 or out[index - 1] == 45:
                 raise ParseError(REASON_BAD_DOMAIN)
             label_start = index + 1
-        elif not _is_ldh(char):
+        elif not _LDH[char]:
             raise ParseError(REASON_BAD_DOMAIN)
-    return text
+        if index < length:
+            out[index] = char
+    return <str> result
 
 
-def canonical_domain(str text):
+def canonical_domain(text):
     """Lower-case, IDNA A-label form of a domain or address literal, without a trailing dot."""
-    if text and text[0] != "[" and text.isascii():
-        return _canonical_ascii_domain(text)
-    return _twin.canonical_domain(text)
+    if type(text) is str and PyUnicode_IS_ASCII(text) and PyUnicode_GET_LENGTH(text) and PyUnicode_1BYTE_DATA(text)[0] != 91:
+        return _ascii_domain(PyUnicode_1BYTE_DATA(text), PyUnicode_GET_LENGTH(text))
+    return _twin.canonical_domain(text)  # IDNA, address literals, the empty string, odd types
 
 
 cdef class DomainSet:
     """Exact domains and ``.suffix`` wildcards (which match every subdomain, not the apex)."""
 
-    cdef frozenset _exact
-    cdef frozenset _suffixes
+    cdef readonly frozenset _exact  # readable, so the twin's code can run on this set
+    cdef readonly frozenset _suffixes
+    # _suffix_length[n] is set when some suffix is n characters long: a candidate suffix of
+    # another length cannot match, so it is never sliced out of the domain.
+    cdef unsigned char _suffix_length[MAX_DOMAIN + 2]
 
     def __init__(self, entries):
-        twin = _twin.DomainSet(entries)  # same validation, same error text
+        twin = _twin.DomainSet(entries)  # the same validation and the same error text
         self._exact = twin._exact
         self._suffixes = twin._suffixes
+        for suffix in self._suffixes:
+            self._suffix_length[len(suffix)] = 1
 
     def __contains__(self, domain):
-        if not isinstance(domain, str):
-            return False
-        return self._contains(<str> domain)
+        """``domain`` must already be canonical (as ParsedPath.domain is)."""
+        if type(domain) is str:
+            return self._contains(<str> domain)
+        return _twin.DomainSet.__contains__(self, domain)  # str subclasses and other types
 
-    cdef bint _contains(self, str domain):
-        cdef Py_ssize_t dot
+    cdef bint _contains(self, str domain) except -1:
+        cdef Py_ssize_t length, dot
         if domain in self._exact:
             return True
-        if self._suffixes:
-            dot = domain.find(".")
-            while dot >= 0:
-                if domain[dot:] in self._suffixes:
+        if not self._suffixes:
+            return False
+        length = PyUnicode_GET_LENGTH(domain)
+        dot = domain.find(".")
+        while dot >= 0:
+            if length - dot <= MAX_DOMAIN + 1 and self._suffix_length[length - dot]:
+                if PyUnicode_Substring(domain, dot, length) in self._suffixes:
                     return True
-                dot = domain.find(".", dot + 1)
+            dot = domain.find(".", dot + 1)
         return False
 
     def __len__(self):
@@ -243,19 +319,6 @@ cdef class DomainSet:
 # Paths
 
 
-cdef inline bint _is_atext(Py_UCS4 char):
-    # RFC 5322 atext plus ".": letters, digits and !#$%&'*+-/=?^_`{|}~
-    if (97 <= char <= 122) or (65 <= char <= 90) or (48 <= char <= 57):
-        return True
-    return char in "!#$%&'*+-/=?^_`{|}~."
-
-
-# 1 for every octet of RFC 5322 atext, and "."; built once at import.
-cdef unsigned char _ATEXT_TABLE[256]
-for _code in range(256):
-    _ATEXT_TABLE[_code] = 1 if _code < 128 and _is_atext(_code) else 0
-
-
 @cython.freelist(16)
 cdef class _Path:
     """A parsed path inside this module, before it becomes a ParsedPath or a verdict."""
@@ -267,15 +330,12 @@ cdef class _Path:
     cdef Py_ssize_t _local_end
     cdef str domain
     cdef int flags
-    cdef object params
+    cdef dict params
 
     cdef str local(self):
         if self._local is None:
             self._local = PyUnicode_Substring(self._source, self._local_start, self._local_end)
         return self._local
-
-    cdef object as_tuple(self):
-        return _tuple5(ParsedPath, self.address, self.local(), self.domain, self.flags, self.params)
 
 
 cdef _Path _from_twin(object parsed):
@@ -285,7 +345,7 @@ cdef _Path _from_twin(object parsed):
 
 
 cdef int _local_flags(const unsigned char* local, Py_ssize_t length) except -1:
-    """_check_dot_string of the twin, on ASCII octets."""
+    """The twin's _check_dot_string, on ASCII octets."""
     cdef Py_ssize_t index
     cdef int flags = 0
     cdef unsigned char char, previous = 46
@@ -299,7 +359,7 @@ cdef int _local_flags(const unsigned char* local, Py_ssize_t length) except -1:
             flags |= ENC_PERCENT
         elif char == 33:
             flags |= ENC_BANG
-        elif not _ATEXT_TABLE[char]:
+        elif not _ATEXT[char]:
             raise ParseError(REASON_SYNTAX)
         if char == 46 and (previous == 46 or previous == 64):
             raise ParseError(REASON_SYNTAX)
@@ -308,39 +368,50 @@ cdef int _local_flags(const unsigned char* local, Py_ssize_t length) except -1:
         raise ParseError(REASON_SYNTAX)
     if flags & ENC_MULTIPLE_AT and (local[0] == 64 or local[length - 1] == 64):
         flags |= ENC_TRAILING
-    if length >= 5 and (local[0] | 32) == 105 and (local[1] | 32) == 109 and (local[2] | 32) == 99 \
-            and (local[3] | 32) == 101 and (local[4] | 32) == 97:  # "IMCEA", any case
+    if (length >= 5 and _upper(local[0]) == 73 and _upper(local[1]) == 77 and _upper(local[2]) == 67
+            and _upper(local[3]) == 69 and _upper(local[4]) == 65):  # "IMCEA", any case
         index = 5
-        while index < length and (48 <= local[index] <= 57 or 65 <= (local[index] & ~32) <= 90):
+        while index < length and (48 <= local[index] <= 57 or 65 <= _upper(local[index]) <= 90):
             index += 1
         if index < length and local[index] == 45:
             flags |= ENC_IMCEA
     return flags
 
 
-cdef str _ascii_domain(const unsigned char* text, Py_ssize_t length, unsigned char* out):
-    """_canonical_ascii_domain on octets: the lower-cased name written to ``out``."""
-    cdef Py_ssize_t index, label_start = 0
-    cdef unsigned char char
-    if length and text[length - 1] == 46:
-        length -= 1
-    if length == 0 or length > MAX_DOMAIN:
-        raise ParseError(REASON_BAD_DOMAIN)
-    for index in range(length + 1):
-        char = text[index] if index < length else 46
-        if 65 <= char <= 90:
-            char |= 32
-        if char == 46:
-            if index == label_start or index - label_start > MAX_LABEL:
-                raise ParseError(REASON_BAD_DOMAIN)
-            if out[label_start] == 45 or out[index - 1] == 45:
-                raise ParseError(REASON_BAD_DOMAIN)
-            label_start = index + 1
-        elif not ((97 <= char <= 122) or (48 <= char <= 57) or char == 45):
-            raise ParseError(REASON_BAD_DOMAIN)
-        if index < length:
-            out[index] = char
-    return PyUnicode_DecodeASCII(<const char*> out, length, NULL)
+cdef dict _ascii_params(const unsigned char* data, Py_ssize_t position, Py_ssize_t length):
+    """The twin's _parse_params on ASCII octets: ``data[position:length]`` after the path."""
+    cdef dict params = {}
+    cdef Py_ssize_t end, key_end, index
+    cdef const unsigned char* found
+    if position >= length:
+        return params
+    if data[position] != 32:
+        raise ParseError(REASON_SYNTAX)
+    position += 1
+    while position < length:
+        if data[position] == 32:
+            position += 1  # runs of blanks between parameters
+            continue
+        found = <const unsigned char*> memchr(data + position, 32, length - position)
+        end = (found - data) if found != NULL else length
+        found = <const unsigned char*> memchr(data + position, 61, end - position)
+        key_end = (found - data) if found != NULL else end
+        if key_end == position or data[position] == 45:
+            raise ParseError(REASON_BAD_PARAMETER)
+        for index in range(position, key_end):
+            if not _PARAM_KEY[data[index]]:
+                raise ParseError(REASON_BAD_PARAMETER)
+        if key_end == end:
+            params[_ascii_upper(data + position, key_end - position)] = None
+        else:
+            if key_end + 1 == end:
+                raise ParseError(REASON_BAD_PARAMETER)
+            for index in range(key_end + 1, end):
+                if not _PARAM_VALUE[data[index]]:
+                    raise ParseError(REASON_BAD_PARAMETER)
+            params[_ascii_upper(data + position, key_end - position)] = _ascii(data + key_end + 1, end - key_end - 1)
+        position = end
+    return params
 
 
 cdef _Path _parse_path(str arg, Py_ssize_t start, bint recipient):
@@ -349,7 +420,6 @@ cdef _Path _parse_path(str arg, Py_ssize_t start, bint recipient):
     cdef Py_ssize_t position, close, at, local_length
     cdef const unsigned char* data
     cdef const unsigned char* found
-    cdef unsigned char address[MAX_PATH + 2]
     cdef _Path path
     if not PyUnicode_IS_ASCII(arg):
         return _from_twin(_twin._parse_path(arg, start, recipient))
@@ -368,8 +438,10 @@ cdef _Path _parse_path(str arg, Py_ssize_t start, bint recipient):
     at = close - 1
     while at >= position and data[at] != 64:
         at -= 1
+    # No "@", an empty local part or domain, a trailing "@" (the twin strips it) or an address
+    # literal: null path, postmaster, encapsulations and literals, all rare.
     if at <= position or at + 1 == close or data[at + 1] == 91:
-        return _from_twin(_twin._parse_path(arg, start, recipient))  # null path, postmaster, literal...
+        return _from_twin(_twin._parse_path(arg, start, recipient))
     local_length = at - position
     path = _Path.__new__(_Path)
     path.flags = _local_flags(data + position, local_length)
@@ -377,78 +449,137 @@ cdef _Path _parse_path(str arg, Py_ssize_t start, bint recipient):
         raise ParseError(REASON_PATH_TOO_LONG)
     if data[close - 1] == 46:
         path.flags |= ENC_TRAILING
-    # One buffer holds "local@domain": the domain is canonicalized straight into its place.
-    memcpy(address, data + position, local_length + 1)
-    path.domain = _ascii_domain(data + at + 1, close - at - 1, address + local_length + 1)
+    path.domain = _ascii_domain(data + at + 1, close - at - 1)
     path._source, path._local_start, path._local_end = arg, position, at
-    path.address = PyUnicode_DecodeASCII(<const char*> address, local_length + 1 + PyUnicode_GET_LENGTH(path.domain),
-                                         NULL)
-    path.params = _twin._parse_params(arg, close + 1) if close + 1 < length else {}
+    path.address = _address(data + position, local_length, path.domain)
+    path.params = _ascii_params(data, close + 1, length)
     return path
 
 
-def parse_mail_from(str arg):
-    """Parse the argument of ``MAIL`` (``FROM:<path> params``); ``<>`` is the null path."""
-    if arg[:5].upper() != "FROM:":
-        raise ParseError(REASON_SYNTAX)
-    return _parse_path(arg, 5, False).as_tuple()
+cdef str _address(const unsigned char* local, Py_ssize_t local_length, str domain):
+    """``local + "@" + domain`` for an ASCII local part, as one new string."""
+    cdef Py_ssize_t domain_length = PyUnicode_GET_LENGTH(domain)
+    cdef object address = PyUnicode_New(local_length + 1 + domain_length, 127)
+    cdef unsigned char* out = PyUnicode_1BYTE_DATA(address)
+    memcpy(out, local, local_length)
+    out[local_length] = 64
+    memcpy(out + local_length + 1, PyUnicode_1BYTE_DATA(domain), domain_length)
+    return <str> address
 
 
-def parse_rcpt_to(str arg):
-    """Parse the argument of ``RCPT`` (``TO:<path> params``); ``<postmaster>`` has no domain."""
-    if not _starts_with_to(arg):
-        raise ParseError(REASON_SYNTAX)
-    return _parse_path(arg, 3, True).as_tuple()
-
-
-cdef inline bint _starts_with_to(str arg):
-    """``arg[:3].upper() == "TO:"`` without the two new strings."""
-    if PyUnicode_GET_LENGTH(arg) < 3:
+cdef inline bint _has_prefix(str arg, const char* prefix, Py_ssize_t length) noexcept:
+    """``arg[:length].upper() == prefix`` for an upper-case ASCII ``prefix``, when ``arg`` is ASCII."""
+    cdef const unsigned char* data = PyUnicode_1BYTE_DATA(arg)
+    cdef Py_ssize_t index
+    if PyUnicode_GET_LENGTH(arg) < length:
         return False
-    cdef Py_UCS4 t = arg[0], o = arg[1], colon = arg[2]
-    return (t == 84 or t == 116) and (o == 79 or o == 111) and colon == 58
+    for index in range(length):
+        if _upper(data[index]) != <unsigned char> prefix[index]:
+            return False
+    return True
+
+
+def parse_mail_from(arg):
+    """Parse the argument of ``MAIL`` (``FROM:<path> params``); ``<>`` is the null path."""
+    if type(arg) is not str:
+        return _twin.parse_mail_from(arg)
+    if PyUnicode_IS_ASCII(arg):
+        if not _has_prefix(arg, "FROM:", 5):
+            raise ParseError(REASON_SYNTAX)
+    elif arg[:5].upper() != "FROM:":  # str.upper() as the twin does, for non-ASCII text
+        raise ParseError(REASON_SYNTAX)
+    return _as_parsed(_parse_path(arg, 5, False))
+
+
+cdef _Path _parse_rcpt(object arg):
+    if type(arg) is not str:
+        return _from_twin(_twin.parse_rcpt_to(arg))
+    if PyUnicode_IS_ASCII(arg):
+        if not _has_prefix(arg, "TO:", 3):
+            raise ParseError(REASON_SYNTAX)
+    elif arg[:3].upper() != "TO:":
+        raise ParseError(REASON_SYNTAX)
+    return _parse_path(arg, 3, True)
+
+
+def parse_rcpt_to(arg):
+    """Parse the argument of ``RCPT`` (``TO:<path> params``); ``<postmaster>`` has no domain."""
+    return _as_parsed(_parse_rcpt(arg))
+
+
+cdef inline object _as_parsed(_Path path):
+    return _tuple5(ParsedPath, path.address, path.local(), path.domain, path.flags, path.params)
 
 
 # ---------------------------------------------------------------------------------------------
 # Addresses
 
 
+cdef object _v4_key(const unsigned char* text, Py_ssize_t length):
+    """A dotted-quad address as the integer pytricia takes, or None if it is anything else.
+
+    Accepts exactly what glibc's inet_pton(AF_INET) accepts (four decimal octets up to 255, no
+    leading zeros), which is how pytricia parses text keys; so the lookup is the same one, with
+    pytricia's own parsing skipped. Everything else (prefixes, NULs, junk) keeps going to
+    pytricia as text, so its quirks stay the twin's quirks.
+    """
+    cdef uint32_t address = 0, octet = 0
+    cdef int octets = 0, digits = 0
+    cdef Py_ssize_t index
+    cdef unsigned char char
+    if length < 7 or length > 15:
+        return None
+    for index in range(length):
+        char = text[index]
+        if 48 <= char <= 57:
+            if digits and octet == 0:
+                return None  # a leading zero
+            octet = octet * 10 + (char - 48)
+            digits += 1
+            if octet > 255:
+                return None
+        elif char == 46 and digits and octets < 3:
+            address = (address << 8) | octet
+            octets += 1
+            octet = digits = 0
+        else:
+            return None
+    if not digits or octets != 3:
+        return None
+    return (address << 8) | octet
+
+
 cdef class CidrSet:
     """IPv4 and IPv6 prefixes in two patricia tries; IPv4-mapped clients match IPv4 entries."""
 
-    cdef object _v4
-    cdef object _v6
+    cdef readonly object _v4  # readable, so the twin's code can run on this set
+    cdef readonly object _v6
 
     def __init__(self, entries):
-        self._v4 = pytricia.PyTricia(32)
-        self._v6 = pytricia.PyTricia(128)
-        for entry in entries:
-            entry = entry.strip()
-            try:
-                network = ipaddress.ip_network(entry, strict=False)
-            except ValueError:
-                raise ValueError(f"invalid address or prefix {entry!r}") from None
-            if isinstance(network, ipaddress.IPv6Network):
-                mapped = network.network_address.ipv4_mapped
-                if mapped is not None and network.prefixlen >= 96:
-                    network = ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
-                else:
-                    self._v6[str(network)] = True
-                    continue
-            self._v4[str(network)] = True
+        twin = _twin.CidrSet(entries)  # the same parsing, the same error text
+        self._v4 = twin._v4
+        self._v6 = twin._v6
 
     def __contains__(self, address):
-        if not isinstance(address, str):
-            return False
+        """``address`` is a client address as the socket reports it."""
+        if type(address) is not str or not PyUnicode_IS_ASCII(address):
+            return _twin.CidrSet.__contains__(self, address)  # its code on our tries
         cdef str text = <str> address
-        cdef Py_ssize_t percent
-        if ":" not in text:
-            return text in self._v4
-        percent = text.find("%")
-        if percent >= 0:
-            text = text[:percent]
-        if text[:7].lower() == "::ffff:" and "." in text:
-            return text[7:] in self._v4
+        cdef const unsigned char* data = PyUnicode_1BYTE_DATA(text)
+        cdef Py_ssize_t length = PyUnicode_GET_LENGTH(text)
+        cdef const unsigned char* found
+        if memchr(data, 58, length) == NULL:  # no ":": IPv4
+            key = _v4_key(data, length)
+            return (key if key is not None else text) in self._v4
+        found = <const unsigned char*> memchr(data, 37, length)  # "%": a scope, dropped
+        if found != NULL:
+            length = found - data
+            text = PyUnicode_Substring(text, 0, length)
+        if (length >= 7 and data[0] == 58 and data[1] == 58 and _LOWER[data[2]] == 102 and _LOWER[data[3]] == 102
+                and _LOWER[data[4]] == 102 and _LOWER[data[5]] == 102 and data[6] == 58
+                and memchr(data, 46, length) != NULL):  # "::ffff:" and a dot: IPv4-mapped
+            key = _v4_key(data + 7, length - 7)
+            return (key if key is not None else PyUnicode_Substring(text, 7, length)) in self._v4
         return text in self._v6
 
     def __len__(self):
@@ -460,51 +591,68 @@ cdef class CidrSet:
 
 
 cdef class RcptMatcher:
-    """Design.md §2 "At RCPT TO", rules 1 to 6, in one call per recipient."""
+    """Design.md §2 "At RCPT TO", rules 1 to 6, in one call per recipient.
 
-    cdef DomainSet _local
-    cdef DomainSet _relay
+    Built once from settings and never mutated: a reload builds a new matcher and swaps it in.
+    """
+
+    cdef object _local
+    cdef object _relay
+    # The same sets when they are this module's DomainSet (not a subclass): then membership is
+    # a C call. Anything else (the twin's DomainSet, a plain set) is asked with ``in``.
+    cdef DomainSet _local_c
+    cdef DomainSet _relay_c
     cdef dict _rewrite
     cdef dict _directories
 
     def __init__(self, local_domains, relay_domains, rewrite, directories):
-        self._local = local_domains if isinstance(local_domains, DomainSet) else DomainSet(local_domains.entries())
-        self._relay = relay_domains if isinstance(relay_domains, DomainSet) else DomainSet(relay_domains.entries())
+        self._local = local_domains
+        self._relay = relay_domains
+        self._local_c = local_domains if type(local_domains) is DomainSet else None
+        self._relay_c = relay_domains if type(relay_domains) is DomainSet else None
         self._rewrite = dict(rewrite)
         self._directories = dict(directories)
 
-    def decide(self, str arg, int grant):
-        """Decide one ``RCPT`` argument for a session holding ``grant`` (a ``GRANT_*``)."""
-        if not _starts_with_to(arg):
-            raise ParseError(REASON_SYNTAX)
-        cdef _Path path = _parse_path(arg, 3, True)
-        cdef str address = path.address
-        cdef str domain = path.domain
+    cdef inline bint _is_local(self, object domain) except -1:
+        if self._local_c is not None and type(domain) is str:
+            return self._local_c._contains(<str> domain)
+        return domain in self._local
+
+    def decide(self, arg, grant_value):
+        """Decide one ``RCPT`` argument for a session holding ``grant`` (a ``GRANT_*``).
+
+        Raises ParseError for a syntax error (rule 1); every policy outcome is a returned value.
+        """
+        cdef _Path path = _parse_rcpt(arg)  # first, as in the twin
+        cdef int grant = _grant(grant_value)
+        cdef object address = path.address
+        cdef object domain = path.domain
         cdef int flags = path.flags
-        cdef object directory
-        if flags & ENC_IP_LITERAL and self._local._contains(domain):
-            flags &= ~ENC_IP_LITERAL
         cdef bint may_relay = grant == GRANT_AUTHENTICATED or grant == GRANT_ALLOW_LIST or grant == GRANT_LISTENER
+        if flags & ENC_IP_LITERAL and self._is_local(domain):
+            flags &= ~ENC_IP_LITERAL
         if flags and not may_relay:
             return _verdict(ACTION_REJECT, RULE_RELAY_NEVER if grant == GRANT_NEVER else RULE_ENCAPSULATED,
                             address, domain, path.params)
-        if not domain:
+        if not path.domain:
             if flags:
                 raise ParseError(REASON_SYNTAX)  # "user@": no domain to decide on
+            # <postmaster> (RFC 5321 §4.5.1) is always ours.
             return _verdict(ACTION_FORWARD, RULE_LOCAL, address, domain, path.params)
         if self._rewrite:
             target = self._rewrite.get(domain)
             if target is not None:
                 domain = target
                 address = path.local() + "@" + domain
-        if self._local._contains(domain):
+        if self._is_local(domain):
             directory = self._directories.get(domain) if self._directories else None
             if directory is None:
                 return _verdict(ACTION_FORWARD, RULE_LOCAL, address, domain, path.params)
             if local_key(path.local()) in directory:
                 return _verdict(ACTION_FORWARD, RULE_LOCAL_DIRECTORY, address, domain, path.params)
             return _verdict(ACTION_REJECT, RULE_UNKNOWN_USER, address, domain, path.params)
-        if self._relay._contains(domain):
+        if (self._relay_c._contains(<str> domain) if self._relay_c is not None and type(domain) is str
+                else domain in self._relay):
             return _verdict(ACTION_FORWARD, RULE_RELAY_DOMAIN, address, domain, path.params)
         if grant == GRANT_AUTHENTICATED:
             return _verdict(ACTION_FORWARD, RULE_RELAY_AUTHENTICATED, address, domain, path.params)
@@ -516,7 +664,24 @@ cdef class RcptMatcher:
                         address, domain, path.params)
 
 
-cdef inline object _verdict(int action, int rule, str address, str domain, object params):
+cdef int _grant(object grant) except? -2:
+    """A GRANT_* as a C int; -1 for a value equal to none of those that matter (as GRANT_NONE)."""
+    cdef long value
+    if type(grant) is int:
+        try:
+            value = grant
+        except OverflowError:
+            return -1
+        return <int> value if GRANT_AUTHENTICATED <= value <= GRANT_NEVER else -1
+    # The twin compares with ==, so an IntEnum or a bool decides as the int it equals.
+    for value in range(GRANT_AUTHENTICATED, GRANT_NEVER + 1):
+        if grant == value:
+            return <int> value
+    return -1
+
+
+# Small ints are cached by CPython, so these conversions allocate nothing.
+cdef inline object _verdict(int action, int rule, object address, object domain, object params):
     return _tuple5(RcptVerdict, action, rule, address, domain, params)
 
 
@@ -528,16 +693,17 @@ cdef class DataScanner:
     """Finds the end of a DATA body as chunks arrive, and what is wrong with it on the way.
 
     Only ``CRLF . CRLF`` ends the body; see the twin for the reasoning. The state machine is the
-    twin's, octet for octet.
+    twin's, octet for octet; only the search for line breaks differs (see feed).
     """
 
     cdef public Py_ssize_t max_line_length
     cdef public Py_ssize_t max_size
     cdef public int violation
     cdef public Py_ssize_t size
-    cdef Py_ssize_t _line_length
-    cdef bint _after_cr
-    cdef bint _starts_with_dot
+    # Public only so that the twin's feed() can run on this scanner for unusual data types.
+    cdef public Py_ssize_t _line_length
+    cdef public bint _after_cr
+    cdef public bint _starts_with_dot
 
     def __init__(self, Py_ssize_t max_line_length, Py_ssize_t max_size):
         self.max_line_length = max_line_length
@@ -548,22 +714,36 @@ cdef class DataScanner:
         self._after_cr = False
         self._starts_with_dot = False
 
-    cdef inline void _violate(self, int violation):
+    cdef inline void _note(self, int violation) noexcept:
         if self.violation == VIOLATION_NONE:
             self.violation = violation
 
-    cdef inline void _grow_line(self, Py_ssize_t octets):
+    cdef inline void _grow(self, Py_ssize_t octets) noexcept:
         self._line_length += octets
         if self._line_length + 2 > self.max_line_length:
-            self._violate(VIOLATION_LINE_TOO_LONG)
+            self._note(VIOLATION_LINE_TOO_LONG)
 
-    def feed(self, bytes data):
+    # The twin's method names, for its feed() running on this scanner (see feed).
+    def _violate(self, int violation):
+        self._note(violation)
+
+    def _grow_line(self, Py_ssize_t octets):
+        self._grow(octets)
+
+    def feed(self, data):
         """Scan ``data``; return the index just past the end marker, or -1 if it is not in it."""
-        cdef const unsigned char* buffer = <const unsigned char*> PyBytes_AS_STRING(data)
-        cdef Py_ssize_t length = PyBytes_GET_SIZE(data)
+        if type(data) is bytes:
+            return self._feed(<const unsigned char*> PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        if type(data) is bytearray:
+            return self._feed(<const unsigned char*> PyByteArray_AS_STRING(data), PyByteArray_GET_SIZE(data))
+        return _twin.DataScanner.feed(self, data)  # its code on our state, for any other type
+
+    cdef Py_ssize_t _feed(self, const unsigned char* buffer, Py_ssize_t length) noexcept:
         cdef Py_ssize_t position = 0, stop
-        cdef const unsigned char* newline
-        cdef const unsigned char* carriage
+        # The next LF at or after ``position``, kept between lines: searching the rest of the
+        # chunk again for every CR would be quadratic on a body of bare CRs (the twin is).
+        cdef Py_ssize_t newline = -1
+        cdef const unsigned char* found
         while position < length:
             if self._after_cr:
                 self._after_cr = False
@@ -572,22 +752,22 @@ cdef class DataScanner:
                     if self._line_length == 1 and self._starts_with_dot:
                         self.size += position - 3
                         if self.size > self.max_size:
-                            self._violate(VIOLATION_TOO_BIG)
+                            self._note(VIOLATION_TOO_BIG)
                         return position
                     self._line_length = 0
                     self._starts_with_dot = False
                     continue
-                self._violate(VIOLATION_BARE_CR)
-                self._grow_line(1)
-            newline = <const unsigned char*> memchr(buffer + position, 10, length - position)
-            stop = (newline - buffer) if newline != NULL else length
-            carriage = <const unsigned char*> memchr(buffer + position, 13, stop - position)
-            if carriage != NULL:
-                stop = carriage - buffer
+                self._note(VIOLATION_BARE_CR)
+                self._grow(1)
+            if newline < position:
+                found = <const unsigned char*> memchr(buffer + position, 10, length - position)
+                newline = (found - buffer) if found != NULL else length
+            found = <const unsigned char*> memchr(buffer + position, 13, newline - position)
+            stop = (found - buffer) if found != NULL else newline
             if stop > position:
                 if self._line_length == 0 and buffer[position] == 46:
                     self._starts_with_dot = True
-                self._grow_line(stop - position)
+                self._grow(stop - position)
             position = stop
             if stop == length:
                 break
@@ -595,9 +775,10 @@ cdef class DataScanner:
             if buffer[stop] == 13:
                 self._after_cr = True
             else:
-                self._violate(VIOLATION_BARE_LF)
-                self._grow_line(1)
+                # A bare LF ends no line: the "." after it must not start an end marker.
+                self._note(VIOLATION_BARE_LF)
+                self._grow(1)
         self.size += length
-        if self.size > self.max_size + 3:
-            self._violate(VIOLATION_TOO_BIG)
+        if self.size - 3 > self.max_size:  # the twin's size > max_size + 3, without overflow
+            self._note(VIOLATION_TOO_BIG)
         return -1
