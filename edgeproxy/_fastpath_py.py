@@ -301,7 +301,11 @@ def _parse_quoted_local(arg: str, position: int) -> tuple[str, int, int]:
     while index < len(arg):
         char = arg[index]
         if char == '"':
-            return arg[position : index + 1], index + 1, flags
+            quoted = arg[position : index + 1]
+            # Quoting changes no mailbox: "IMCEASMTP-u+40far"@local is as foreign as unquoted.
+            if _is_imcea(local_key(quoted)):
+                flags |= ENC_IMCEA
+            return quoted, index + 1, flags
         if char == "\\":
             index += 1
             if index >= len(arg):
@@ -338,13 +342,19 @@ def _check_dot_string(local: str) -> int:
         raise ParseError(REASON_SYNTAX)
     if flags & ENC_MULTIPLE_AT and (local[0] == "@" or local[-1] == "@"):
         flags |= ENC_TRAILING
-    if local[:5].upper() == "IMCEA":
-        index = 5
-        while index < len(local) and local[index].upper() in _IMCEA_TYPE:
-            index += 1
-        if index < len(local) and local[index] == "-":
-            flags |= ENC_IMCEA
+    if _is_imcea(local):
+        flags |= ENC_IMCEA
     return flags
+
+
+def _is_imcea(local: str) -> bool:
+    """Exchange's IMCEA<type>-<encoded address> form: the backend may decode it to anywhere."""
+    if local[:5].upper() != "IMCEA":
+        return False
+    index = 5
+    while index < len(local) and local[index].upper() in _IMCEA_TYPE:
+        index += 1
+    return index < len(local) and local[index] == "-"
 
 
 def _parse_params(arg: str, position: int) -> dict[str, str | None]:
@@ -390,6 +400,8 @@ class CidrSet:
         for entry in entries:
             entry = entry.strip()
             try:
+                if "%" in entry:
+                    raise ValueError("a scope ID names an interface, not client addresses")
                 network = ipaddress.ip_network(entry, strict=False)
             except ValueError:
                 raise ValueError(f"invalid address or prefix {entry!r}") from None
@@ -510,6 +522,7 @@ class DataScanner:
         """Scan ``data``; return the index just past the end marker, or -1 if it is not in it."""
         position = 0
         length = len(data)
+        next_newline = -1  # remembered, so that a run of bare CRs does not rescan for the LF
         while position < length:
             if self._after_cr:
                 self._after_cr = False
@@ -525,7 +538,12 @@ class DataScanner:
                     continue
                 self._violate(VIOLATION_BARE_CR)
                 self._grow_line(1)
-            stop = _first_line_break(data, position, length)
+            if next_newline < position:
+                next_newline = data.find(b"\n", position)
+                if next_newline < 0:
+                    next_newline = length
+            carriage = data.find(b"\r", position, next_newline)
+            stop = carriage if carriage >= 0 else next_newline
             if stop > position:
                 if self._line_length == 0 and data[position] == 46:
                     self._starts_with_dot = True
@@ -554,10 +572,3 @@ class DataScanner:
         if self.violation == VIOLATION_NONE:
             self.violation = violation
 
-
-def _first_line_break(data: bytes, start: int, length: int) -> int:
-    newline = data.find(b"\n", start)
-    carriage = data.find(b"\r", start, length if newline < 0 else newline)
-    if carriage >= 0:
-        return carriage
-    return length if newline < 0 else newline

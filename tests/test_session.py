@@ -587,8 +587,6 @@ def test_eight_bit_address_needs_the_smtputf8_parameter() -> None:
     assert driver.feed(b"\xff\xfe\r\n") == r.BAD_UTF8.encode()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a non-ASCII RCPT is forwarded in a transaction whose MAIL "
-                   "lacked SMTPUTF8 (MAIL gets 553 5.6.7 for the same address)")
 def test_eight_bit_recipient_needs_the_smtputf8_parameter() -> None:
     driver = started()
     driver.feed(MAIL)
@@ -667,9 +665,6 @@ def test_refused_recipients_do_not_count_towards_the_limit() -> None:
     assert split_replies(output)[-2:] == [RCPT_OK[1], RCPT_OK[1]]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: each 452 for an excess recipient counts towards MAX_ERRORS, so with the "
-                   "defaults (100 recipients, 20 errors) a message to 120+ recipients gets 421 and a closed "
-                   "connection mid-transaction, on every retry, instead of going to the first 100")
 def test_a_large_mailing_is_split_by_452_not_disconnected() -> None:
     driver = started()
     limit = DEFAULTS.max_recipients
@@ -739,8 +734,6 @@ def test_encapsulated_rcpt_is_a_relay_attempt(address: str) -> None:
     assert [event.rule for event in driver.refused] == ["encapsulated"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an IMCEA encoding inside a quoted local part is not flagged "
-                   "(quoting does not change the mailbox, RFC 5321 §4.1.2) and is forwarded to the backend")
 @pytest.mark.parametrize(
     "address",
     ['"IMCEASMTP-user+40far+2Etest"@example.test', '"IMCEAEX-_O=ORG_OU=SITE_CN=user"@example.test'],
@@ -787,8 +780,6 @@ def test_client_vanishing_outside_data_aborts_nothing() -> None:
     assert driver.aborts == [] and driver.session.closed
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a 354 arriving after connection_lost starts a body: the core "
-                   "sends the Received: header to the backend and reports in_data for a closed session")
 def test_no_backend_traffic_after_the_client_vanished_while_data_was_pending() -> None:
     driver = started(make_session(received_header=True), auto=False)
     driver.feed(MAIL + RCPT + b"DATA\r\n")

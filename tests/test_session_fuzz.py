@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -240,8 +239,6 @@ def test_reply_parser_keeps_multi_line_replies_whole() -> None:
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ReplyParser passes a bare CR inside a backend reply line on as it "
-                   "is, so the core relays a malformed reply line to the client")
 def test_reply_parser_never_yields_a_bare_cr() -> None:
     replies = parse_all([b"250 2.0.0 queued\rinjected\r\n"])
     assert replies is None or all(raw.count(b"\r") == raw.count(b"\r\n") for _, raw in replies)

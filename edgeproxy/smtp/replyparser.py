@@ -45,6 +45,9 @@ class ReplyParser:
         separator = line[3:4]
         if not line.endswith(b"\r\n"):
             line = line[:-1] + b"\r\n"  # relay a sloppy backend's reply with a proper CRLF
+        if b"\r" in line[:-2]:
+            # Relayed, it would be a bare CR on the client's connection: refuse the backend.
+            raise ReplyError("bare CR inside a reply line")
         self._code = code
         self._lines.append(line)
         if separator == b"-":

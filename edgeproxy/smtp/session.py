@@ -131,7 +131,7 @@ class SmtpSession:
             assert slot is not None
             slot.data = raw
             self._held = False
-            if code == 354:
+            if code == 354 and not self.closed:
                 self._start_body()
             self._process()
         elif kind == ev.END:
@@ -251,12 +251,15 @@ class SmtpSession:
         if self.stats.errors >= self.limits.max_errors:
             self._finish(r.TOO_MANY_ERRORS)
 
-    def _refuse(self, stage: str, refusal: Refusal, recipient: str | None = None) -> None:
+    def _refuse(self, stage: str, refusal: Refusal, recipient: str | None = None, error: bool = True) -> None:
         sender = self._mail.address if self._mail is not None else None
         self._events.append(ev.Refused(stage, refusal.rule, refusal.reply, sender, recipient))
         self.stats.refusals += 1
         self.stats.rules[refusal.rule] = self.stats.rules.get(refusal.rule, 0) + 1
-        self._error(refusal.reply)
+        if error:
+            self._error(refusal.reply)
+        else:
+            self._reply(refusal.reply)
 
     def _finish(self, reply: r.Reply) -> None:
         self._reply(reply, close=True)
@@ -318,12 +321,17 @@ class SmtpSession:
             self._reply(r.BACKEND_UNAVAILABLE)
             return
         if self._recipients >= self.policy.max_recipients:
-            self._refuse("rcpt", self.policy.too_many_recipients())
+            # Not an error: RFC 5321 §4.5.3.1.10 has the client send the rest in a later
+            # transaction, and counting these would cut every large mailing off with a 421.
+            self._refuse("rcpt", self.policy.too_many_recipients(), error=False)
             return
         try:
             verdict = self.policy.decide_rcpt(arg, self.grant)
         except ParseError as error:
             self._error(r.PARAMETER_BAD if error.reason == fc.REASON_BAD_PARAMETER else r.BAD_RECIPIENT_SYNTAX)
+            return
+        if not verdict.address.isascii() and "SMTPUTF8" not in self._mail.params:
+            self._error(r.SMTPUTF8_REQUIRED)
             return
         refusal = self.policy.refusal_for(verdict)
         if refusal is not None:
