@@ -715,7 +715,10 @@ cdef class DataScanner:
         self._starts_with_dot = False
 
     cdef inline void _note(self, int violation) noexcept:
-        if self.violation == VIOLATION_NONE:
+        # Too-big yields to a line-level violation found later, as in the twin: which of the two
+        # is seen first would otherwise depend on how TCP cut the body into chunks.
+        if self.violation == VIOLATION_NONE or (
+                self.violation == VIOLATION_TOO_BIG and violation != VIOLATION_TOO_BIG):
             self.violation = violation
 
     cdef inline void _grow(self, Py_ssize_t octets) noexcept:

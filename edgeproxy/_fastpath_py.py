@@ -569,6 +569,10 @@ class DataScanner:
             self._violate(VIOLATION_LINE_TOO_LONG)
 
     def _violate(self, violation: int) -> None:
-        if self.violation == VIOLATION_NONE:
+        # The size is checked once per chunk, line-level faults at their octet: so that the
+        # reason does not depend on how TCP cut the body, too-big yields to a later line fault.
+        if self.violation == VIOLATION_NONE or (
+            self.violation == VIOLATION_TOO_BIG and violation != VIOLATION_TOO_BIG
+        ):
             self.violation = violation
 

@@ -170,9 +170,6 @@ def test_generated_bodies_any_chunking(tokens: list[bytes], points: list[int]) -
     assert whole.closed  # the real end marker was found, the next transaction and QUIT ran
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: DataScanner checks the size only at the end of each fed chunk, "
-                   "other violations at their byte: a body both too big and with a bare LF / an over-long line "
-                   "after the limit is refused as MESSAGE_TOO_BIG fed in small chunks, as the other rule fed whole")
 @pytest.mark.parametrize(
     "body",
     [b"x" * 200 + b"\ny", b"x" * 1500],

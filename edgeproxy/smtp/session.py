@@ -456,6 +456,8 @@ class SmtpSession:
             self._reply(failure)
             self._transaction_ended(False, failure.code, self._recipients, scanner.size)
         else:
+            # Decided now, not at the abort: the scanner's final word is chunking-independent.
+            failure = self._violation_reply(scanner.violation)
             self._refuse("data", Refusal(_violation_rule(scanner.violation), failure))
             self._transaction_ended(False, failure.code, self._recipients, scanner.size)
         self._reset_transaction()
