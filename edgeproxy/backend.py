@@ -1,345 +1,432 @@
-"""Connections to the real mail server: handshake, pipelined writer, reply reader, idle pool.
+"""Connections to the real mail server: asyncio glue around the sans-IO client, and the pool.
 
-A :class:`BackendConnection` takes commands from the session that owns it as soon as it exists,
-queues them while it connects and greets, and writes them pipelined when the backend offers
-PIPELINING (else one at a time). Replies to the owner's commands go back to the owner in order;
-replies to its own (greeting, EHLO, XCLIENT, the pool's RSET) it consumes itself.
+- :class:`BackendConnection` moves bytes between a socket and a
+  :class:`~edgeproxy.smtp.client.BackendClient`, times the reply due, and reports loss.
+- :class:`BackendLease` is one session's claim on a connection: it holds the session's commands
+  while the pool finds one, gives the connection back when the session's transaction is over,
+  and replays a transaction on a fresh connection when a pooled one turns out dead before the
+  backend answered any of it.
+- :class:`BackendPool` keeps every connection within a budget (a worker's share of
+  ``EDGEPROXY_BACKEND_MAX_CONNECTIONS``), reuses idle ones last-in first-out so the pool shrinks
+  to recent demand, queues transactions that find none free for a bounded time, and stops
+  dialling a backend that is down for a short window (answering 4xx at once) instead of trying
+  again for every RCPT.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
 
-from edgeproxy.smtp import events as ev
-from edgeproxy.smtp.replyparser import ReplyError, ReplyParser, reply_lines
+from edgeproxy.netutil import set_nodelay
+from edgeproxy.reply import Reply
+from edgeproxy.smtp import replies as r
+from edgeproxy.smtp.client import BackendClient, ClientIdentity
+from edgeproxy.smtp.events import Command
 
 log = structlog.get_logger("edgeproxy.backend")
 
-# The connection's own commands; their replies never reach a client.
-_GREETING = "_GREETING"
-_EHLO = "_EHLO"
-_HELO = "_HELO"
-_XCLIENT = "_XCLIENT"
-_RSET = "_RSET"
-# RFC 2920 §3.1: a command that changes the session must end a pipeline group.
-_SYNC_POINTS = frozenset((_GREETING, _EHLO, _HELO, _XCLIENT, ev.DATA))
 _WRITE_HIGH_WATER = 256 * 1024
-_XCLIENT_LINE_LIMIT = 512
+PendingCommand = tuple[Command, bytes, ClientIdentity | None]
 
 
 class BackendOwner(Protocol):
     def backend_reply(self, code: int, raw: bytes) -> None: ...
-    def backend_failed(self) -> None: ...
+    def backend_failed(self, reply: Reply) -> None: ...
     def backend_writable(self, writable: bool) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class ClientIdentity:
-    """Who the backend should believe it talks to (XCLIENT)."""
-
-    addr: str
-    helo: str | None
-    proto: str
-
-
 class BackendConnection(asyncio.Protocol):
+    __slots__ = ("_pool", "_timer", "_transport", "client", "closed", "idle_since", "lease", "reused")
+
     def __init__(self, pool: BackendPool) -> None:
         self._pool = pool
+        self.client = BackendClient(pool.hostname, pool.use_xclient)
         self._transport: asyncio.Transport | None = None
-        self._parser = ReplyParser()
-        self._queue: deque[tuple[str, bytes]] = deque()
-        self._awaiting: deque[str] = deque()
         self._timer: asyncio.TimerHandle | None = None
-        self._ready = False
-        self.owner: BackendOwner | None = None
+        self.lease: BackendLease | None = None
         self.closed = False
-        self.in_transaction = False
-        self.pipelining = False
-        self.xclient_attributes: frozenset[str] = frozenset()
-        self.announced: ClientIdentity | None = None
+        self.reused = False  # taken from the idle pool: it may have died there unnoticed
         self.idle_since = 0.0
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            # Without it, a pipelined group meets Nagle and delayed ACKs (design.md §3).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
-        self._awaiting.append(_GREETING)
-        self._arm_timer(self._pool.connect_timeout)
+        set_nodelay(transport)
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
-        try:
-            replies = self._parser.feed(data)
-        except ReplyError as error:
-            self._fail(str(error))
+        client = self.client
+        was_ready = client.ready
+        client.receive_data(data)
+        for _, code, raw in client.take_replies():
+            if self.lease is not None:
+                self.lease.owner.backend_reply(code, raw)
+        if not was_ready and client.ready:
+            self._pool.connection_ready(self)
+        if self.closed:
+            return  # the owner aborted it while handling a reply
+        if client.failure is not None:
+            self._fail(client.failure, client.failure_code)
             return
-        for code, raw in replies:
-            if not self._awaiting:
-                self._fail("reply to no command")
-                return
-            self._on_reply(self._awaiting.popleft(), code, raw)
-            if self.closed:
-                return
-        self._after_replies()
+        self.flush()
+        if self.lease is None and client.idle and not self.closed:
+            self._pool.put_back(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed:
-            self._lost()
+            self._lost("connection lost" + (f": {exc}" if exc else ""), backend_fault=True)
 
     def pause_writing(self) -> None:
-        if self.owner is not None:
-            self.owner.backend_writable(False)
+        if self.lease is not None:
+            self.lease.owner.backend_writable(False)
 
     def resume_writing(self) -> None:
-        if self.owner is not None:
-            self.owner.backend_writable(True)
+        if self.lease is not None:
+            self.lease.owner.backend_writable(True)
 
-    # -- the owner's interface ---------------------------------------------------------------
-
-    def send(self, kind: str, data: bytes, identity: ClientIdentity | None = None) -> None:
-        if kind == ev.MAIL:
-            if identity is not None and identity != self.announced:
-                self._announce(identity)
-            self.in_transaction = True
-        elif kind in (ev.END, ev.RSET):
-            self.in_transaction = False
-        self._queue.append((kind, data))
+    # -- the lease's interface ----------------------------------------------------------------
 
     def flush(self) -> None:
-        """Write what ``send`` queued, in as few writes as the backend's pipelining allows."""
-        self._flush()
+        """Write what the client may send now; one write for a whole pipeline group."""
+        if self._transport is None or self.closed:
+            return
+        data = self.client.data_to_send()
+        if data:
+            self._transport.write(data)
+        self._arm_timer()
 
     def abort(self) -> None:
         """Drop the connection at once, without ending any message it carries."""
-        self.owner = None
+        self.lease = None
         if self._transport is not None:
             self._transport.abort()
-        self._lost()
+        self._lost("aborted", backend_fault=False)
 
-    def release(self) -> None:
-        """The owner is done. Keep the connection for reuse if that is safe."""
-        self.owner = None
+    def close_idle(self) -> None:
+        """Say goodbye politely to a backend connection nobody uses."""
         if self.closed:
             return
-        if self._queue or any(kind in (ev.MAIL, ev.RCPT, ev.DATA) for kind in self._awaiting):
-            # The owner left mid-command; whatever the backend holds must not become a message.
-            self.abort()
-            return
-        if self.in_transaction:
-            self._queue.append((_RSET, b"RSET\r\n"))
-            self.in_transaction = False
-            self._flush()
-        self._maybe_idle()
+        self.closed = True
+        self._cancel_timer()
+        self._pool.forget(self)
+        if self._transport is not None:
+            self._transport.write(b"QUIT\r\n")
+            self._transport.close()
 
     # -- internals ---------------------------------------------------------------------------
 
     def connect_failed(self, reason: str) -> None:
-        log.warning("backend_connect_failed", reason=reason, backend=self._pool.address)
-        self._lost()
+        self._lost(reason, backend_fault=True)
 
-    def _on_reply(self, kind: str, code: int, raw: bytes) -> None:
-        if kind == _GREETING:
-            if code != 220:
-                self._fail(f"greeting {code}")
-                return
-            self._write_now(_EHLO, f"EHLO {self._pool.hostname}\r\n".encode())
-        elif kind in (_EHLO, _HELO):
-            if kind == _EHLO and code != 250 and not self._ready:
-                self._write_now(_HELO, f"HELO {self._pool.hostname}\r\n".encode())
-            elif code != 250:
-                self._fail(f"{kind[1:]} refused with {code}")
-            else:
-                if kind == _EHLO:
-                    self._learn(reply_lines(raw)[1:])
-                if not self._ready:
-                    self._ready = True
-                    self._arm_timer(None)
-        elif kind == _XCLIENT:
-            # Postfix answers with a new greeting (220), other servers with 250: both took it.
-            if not 200 <= code < 300:
-                # The backend lists XCLIENT but will not take it from us: carry on without it.
-                log.warning("backend_xclient_refused", code=code, backend=self._pool.address)
-                self._pool.xclient_refused = True
-        elif kind == _RSET:
-            if code != 250:
-                self._fail(f"RSET refused with {code}")
-        elif self.owner is not None:
-            self.owner.backend_reply(code, raw)
-
-    def _after_replies(self) -> None:
-        if self._awaiting:
-            self._arm_timer(self._timeout_for(self._awaiting[0]))
+    def _arm_timer(self) -> None:
+        self._cancel_timer()
+        due = self.client.awaiting
+        if due is None:
+            return
+        pool = self._pool
+        if not self.client.ready:
+            seconds = pool.connect_timeout
         else:
-            self._arm_timer(None)
-        self._flush()
-        if self.owner is None:
-            self._maybe_idle()
+            # RFC 5321 §4.5.3.2.6: the reply to the end of data may take 10 minutes.
+            seconds = pool.reply_timeout * (2 if due is Command.END else 1)
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._fail, "backend timeout")
 
-    def _learn(self, keyword_lines: list[str]) -> None:
-        keywords = {line.split(" ", 1)[0].upper(): line for line in keyword_lines}
-        self.pipelining = "PIPELINING" in keywords
-        xclient = keywords.get("XCLIENT")
-        self.xclient_attributes = frozenset(xclient.upper().split()[1:]) if xclient else frozenset()
-        self._pool.learn(keyword_lines)
-
-    def _announce(self, identity: ClientIdentity) -> None:
-        if not (self.xclient_attributes and self._pool.use_xclient) or self._pool.xclient_refused:
-            return
-        for line in xclient_commands(identity, self.xclient_attributes):
-            self._queue.append((_XCLIENT, line))
-        # XCLIENT restarts the backend's session: it greets again and wants a new EHLO, whose
-        # name would replace the announced HELO, so it must be the client's own.
-        helo = identity.helo or self._pool.hostname
-        self._queue.append((_EHLO, f"EHLO {helo}\r\n".encode()))
-        self.announced = identity
-
-    def _flush(self) -> None:
-        if not self._ready or self.closed or self._transport is None:
-            return
-        chunks = []
-        while self._queue:
-            if self._awaiting and (not self.pipelining or any(k in _SYNC_POINTS for k in self._awaiting)):
-                break
-            kind, data = self._queue.popleft()
-            chunks.append(data)
-            if kind != ev.BODY:
-                if not self._awaiting:
-                    self._arm_timer(self._timeout_for(kind))
-                self._awaiting.append(kind)
-        if chunks:
-            self._transport.write(b"".join(chunks))
-
-    def _write_now(self, kind: str, data: bytes) -> None:
-        assert self._transport is not None
-        self._awaiting.append(kind)
-        self._transport.write(data)
-
-    def _timeout_for(self, kind: str) -> float:
-        if not self._ready:
-            return self._pool.connect_timeout
-        # RFC 5321 §4.5.3.2.6: the reply to the end of data may take 10 minutes.
-        return self._pool.reply_timeout * (2 if kind == ev.END else 1)
-
-    def _arm_timer(self, seconds: float | None) -> None:
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if seconds is not None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(seconds, self._fail, "backend timeout")
 
-    def _maybe_idle(self) -> None:
-        if self.owner is None and not self.closed and self._ready and not self._awaiting and not self._queue:
-            self._pool.put_back(self)
-
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, code: int | None = None) -> None:
         if self.closed:
             return
-        log.warning("backend_failed", reason=reason, backend=self._pool.address)
+        if code == 421:
+            log.warning("backend_closed", code=code, reason=reason, backend=self._pool.address)
+        elif self.client.ready:
+            log.warning("backend_failed", reason=reason, backend=self._pool.address)
         if self._transport is not None:
             self._transport.abort()
-        self._lost()
+        self._lost(reason, backend_fault=True)
 
-    def _lost(self) -> None:
+    def _lost(self, reason: str, backend_fault: bool) -> None:
         if self.closed:
             return
         self.closed = True
-        self._arm_timer(None)
-        self._pool.forget(self)
-        owner, self.owner = self.owner, None
-        owed = any(not kind.startswith("_") for kind in self._awaiting) or self._queue
-        if owner is not None and (owed or self.in_transaction):
-            owner.backend_failed()
-
-    def close_idle(self) -> None:
-        """Say goodbye politely to a backend connection nobody uses."""
-        if self._transport is not None and not self.closed:
-            self.closed = True
-            self._arm_timer(None)
-            self._transport.write(b"QUIT\r\n")
-            self._transport.close()
+        self._cancel_timer()
+        self._pool.forget(self, reason if backend_fault else "")
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            lease.connection_lost(self)
 
 
-def xtext(value: str) -> str:
-    """RFC 3461 §4 xtext: '+', '=' and anything outside printable ASCII as +HH."""
-    out = []
-    for byte in value.encode("utf-8"):
-        out.append(chr(byte) if 33 <= byte <= 126 and byte not in (43, 61) else f"+{byte:02X}")
-    return "".join(out)
+class BackendLease:
+    """One session's claim on a backend connection, one transaction at a time."""
 
+    __slots__ = ("_failing", "_pending", "_replayed", "_sending", "_wait_timer", "connection", "owner", "pool")
 
-def xclient_commands(identity: ClientIdentity, offered: frozenset[str]) -> list[bytes]:
-    """XCLIENT lines announcing ``identity``, each within the command length limit."""
-    addr = identity.addr
-    if ":" in addr:
-        addr = addr[7:] if addr.lower().startswith("::ffff:") and "." in addr else "IPV6:" + addr
-    # NAME: we do no reverse lookup; Postfix's word for "we do not know" keeps its checks sane.
-    values = {"ADDR": addr, "NAME": "[UNAVAILABLE]", "PROTO": identity.proto}
-    if identity.helo:
-        values["HELO"] = identity.helo
-    attributes = [f"{key}={xtext(value)}" for key, value in values.items() if key in offered]
-    lines: list[bytes] = []
-    current = "XCLIENT"
-    for attribute in attributes:
-        if len(current) + 1 + len(attribute) + 2 > _XCLIENT_LINE_LIMIT and current != "XCLIENT":
-            lines.append((current + "\r\n").encode())
-            current = "XCLIENT"
-        current += " " + attribute[: _XCLIENT_LINE_LIMIT - 12]
-    if current != "XCLIENT":
-        lines.append((current + "\r\n").encode())
-    return lines
+    def __init__(self, pool: BackendPool, owner: BackendOwner) -> None:
+        self.pool = pool
+        self.owner = owner
+        self.connection: BackendConnection | None = None
+        self._pending: list[PendingCommand] = []  # held while the pool finds a connection
+        self._wait_timer: asyncio.TimerHandle | None = None
+        self._failing = False  # the owner is being told; what it sends meanwhile gets 4xx too
+        self._replayed = False
+        self._sending = False
+
+    @property
+    def waiting(self) -> bool:
+        return self._wait_timer is not None
+
+    def send(self, command: Command, data: bytes, identity: ClientIdentity | None = None) -> None:
+        if self._failing:
+            return
+        if self.connection is not None:
+            self.connection.client.send(command, data, identity)
+            return
+        self._pending.append((command, data, identity))
+        if not self.waiting:
+            self._sending = True
+            try:
+                self.pool.request(self)
+            finally:
+                self._sending = False
+
+    def flush(self) -> None:
+        if self.connection is not None:
+            self.connection.flush()
+
+    def release(self) -> None:
+        """The session's transaction is over: the connection may serve another session."""
+        connection = self.connection
+        if connection is None:
+            return
+        self.connection = None
+        connection.lease = None
+        self._replayed = False
+        if connection.client.idle:
+            self.pool.put_back(connection)
+
+    def close(self) -> None:
+        """The session is over. Keep the connection for reuse if that is safe."""
+        self._stop_waiting()
+        self._pending.clear()
+        connection, self.connection = self.connection, None
+        if connection is None or connection.closed:
+            return
+        connection.lease = None
+        if connection.client.mid_transaction:
+            # The owner left mid-command; whatever the backend holds must not become a message.
+            connection.abort()
+            return
+        connection.client.reset()
+        connection.flush()
+        if connection.client.idle:
+            self.pool.put_back(connection)
+
+    def abort(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.abort()
+
+    # -- the pool's and the connection's interface ----------------------------------------------
+
+    def wait(self, seconds: float) -> None:
+        self._wait_timer = asyncio.get_running_loop().call_later(seconds, self.pool.give_up, self)
+
+    def attach(self, connection: BackendConnection, reused: bool) -> None:
+        self._stop_waiting()
+        self.connection = connection
+        connection.lease = self
+        connection.reused = reused
+        for command, data, identity in self._pending:
+            connection.client.send(command, data, identity)
+        self._pending.clear()
+        if not self._sending:  # else the session's own flush writes the whole round at once
+            connection.flush()
+
+    def fail(self, reply: Reply) -> None:
+        """No connection for this transaction: every reply owed becomes ``reply``."""
+        self._stop_waiting()
+        self._pending.clear()
+        if self._failing:
+            return
+        self._failing = True
+        # Told on the next turn of the loop, never from inside the session's own event handling.
+        asyncio.get_running_loop().call_soon(self._tell_failed, reply)
+
+    def connection_lost(self, connection: BackendConnection) -> None:
+        self.connection = None
+        replay = connection.client.replayable() if connection.reused and not self._replayed else None
+        if replay:
+            self._replayed = True
+            log.info("backend_replay", commands=len(replay), backend=self.pool.address)
+            self._pending = replay
+            self.pool.request(self)
+        elif connection.client.owes_owner or connection.client.in_transaction:
+            self.fail(r.BACKEND_UNAVAILABLE)
+
+    def _tell_failed(self, reply: Reply) -> None:
+        self._failing = False
+        self.owner.backend_failed(reply)
+
+    def _stop_waiting(self) -> None:
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None
+            self.pool.forget_waiter(self)
 
 
 class BackendPool:
-    """Connections to one backend address, with the idle ones kept for reuse."""
+    """Connections to one backend address, within a budget, the idle ones kept for reuse."""
 
     def __init__(
         self,
         host: str,
         port: int,
         hostname: str,
-        pool_size: int,
+        *,
+        budget: int,
+        queue_timeout: float,
         idle_timeout: float,
         connect_timeout: float,
         reply_timeout: float,
+        retry_interval: float,
         use_xclient: bool,
     ) -> None:
         self.host = host
         self.port = port
         self.address = f"{host}:{port}"
         self.hostname = hostname
-        self.pool_size = pool_size
+        self.budget = budget
+        self.queue_timeout = queue_timeout
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.reply_timeout = reply_timeout
+        self.retry_interval = retry_interval
         self.use_xclient = use_xclient
-        self.xclient_refused = False
         self.keywords: list[str] | None = None  # the backend's last EHLO keywords
-        self._idle: list[BackendConnection] = []
-        self._open: set[BackendConnection] = set()
+        self._idle: list[BackendConnection] = []  # last in, first out: the oldest age out
+        self._open: set[BackendConnection] = set()  # every connection counted in the budget
+        self._waiters: deque[BackendLease] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ready_waiters: list[asyncio.Future[bool]] = []
         self._sweeper: asyncio.TimerHandle | None = None
+        self._down_since: float | None = None  # the backend is down: new connections wait
+        self._retry_at = 0.0
+        self._refused_while_down = 0
+        self._trial: BackendConnection | None = None  # the one connection trying a down backend
 
-    def acquire(self, owner: BackendOwner) -> BackendConnection:
+    # -- leases ------------------------------------------------------------------------------
+
+    def request(self, lease: BackendLease) -> None:
+        """Attach a connection to ``lease`` now, queue it for one, or fail it."""
         while self._idle:
             connection = self._idle.pop()
             if not connection.closed:
-                connection.owner = owner
-                return connection
+                lease.attach(connection, reused=True)
+                return
+        if self._down_since is not None and not self._may_try_again():
+            self._refused_while_down += 1
+            lease.fail(r.BACKEND_UNAVAILABLE)
+            return
+        if len(self._open) < self.budget:
+            lease.attach(self._open_connection(), reused=False)
+            return
+        self._waiters.append(lease)
+        lease.wait(self.queue_timeout)
+
+    def give_up(self, lease: BackendLease) -> None:
+        """A queued transaction waited its whole ``queue_timeout``."""
+        lease.fail(r.BACKEND_BUSY)
+
+    def forget_waiter(self, lease: BackendLease) -> None:
+        if lease in self._waiters:
+            self._waiters.remove(lease)
+
+    def put_back(self, connection: BackendConnection) -> None:
+        if connection.closed or connection in self._idle or connection.lease is not None:
+            return
+        if self._waiters:
+            self._waiters.popleft().attach(connection, reused=True)
+            return
+        connection.idle_since = time.monotonic()
+        self._idle.append(connection)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self.idle_timeout / 2, self._sweep)
+
+    def forget(self, connection: BackendConnection, reason: str = "") -> None:
+        """``connection`` is closed: its place in the budget is free."""
+        self._open.discard(connection)
+        if connection in self._idle:
+            self._idle.remove(connection)
+        if self._trial is connection:
+            self._trial = None
+        if not connection.client.ready and reason:
+            self._connect_failed(reason)
+        self._serve_waiters()
+
+    def connection_ready(self, connection: BackendConnection) -> None:
+        self.keywords = connection.client.keywords
+        if self._trial is connection:
+            self._trial = None
+        if self._down_since is not None:
+            log.warning("backend_up", backend=self.address, refused=self._refused_while_down,
+                        seconds=round(time.monotonic() - self._down_since, 1))
+            self._down_since = None
+            self._refused_while_down = 0
+        self._resolve_ready(True)
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
+    @property
+    def waiting_count(self) -> int:
+        return len(self._waiters)
+
+    async def probe(self) -> bool:
+        """Open one connection to learn the backend's EHLO; True when it answered."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._ready_waiters.append(future)
+        self._open_connection()
+        try:
+            return await asyncio.wait_for(future, self.connect_timeout + 1)
+        except TimeoutError:
+            return False
+
+    def close_all(self) -> None:
+        for connection in list(self._idle):
+            connection.close_idle()
+        self._idle.clear()
+        for lease in list(self._waiters):
+            lease.fail(r.BACKEND_UNAVAILABLE)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _open_connection(self) -> BackendConnection:
         connection = BackendConnection(self)
-        connection.owner = owner
         self._open.add(connection)
-        asyncio.get_running_loop().create_task(self._connect(connection))
+        if self._down_since is not None:
+            self._trial = connection
+        task = asyncio.get_running_loop().create_task(self._connect(connection))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return connection
 
     async def _connect(self, connection: BackendConnection) -> None:
@@ -350,63 +437,37 @@ class BackendPool:
         except (OSError, TimeoutError) as error:
             connection.connect_failed(str(error) or type(error).__name__)
 
-    def put_back(self, connection: BackendConnection) -> None:
-        if connection in self._idle:
-            return
-        if len(self._idle) >= self.pool_size:
-            connection.close_idle()
-            self.forget(connection)
-            return
-        connection.idle_since = time.monotonic()
-        self._idle.append(connection)
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(self.idle_timeout / 2, self._sweep)
+    def _may_try_again(self) -> bool:
+        return self._trial is None and time.monotonic() >= self._retry_at
+
+    def _connect_failed(self, reason: str) -> None:
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            log.warning("backend_down", reason=reason, backend=self.address, retry_in=self.retry_interval)
+        self._retry_at = now + self.retry_interval
+        self._resolve_ready(False)
+        # Those queued for a connection would only wait for one that cannot come soon.
+        while self._waiters:
+            self._refused_while_down += 1
+            self._waiters.popleft().fail(r.BACKEND_UNAVAILABLE)
+
+    def _serve_waiters(self) -> None:
+        while self._waiters and len(self._open) < self.budget:
+            if self._down_since is not None and not self._may_try_again():
+                return
+            self._waiters.popleft().attach(self._open_connection(), reused=False)
+
+    def _resolve_ready(self, ready: bool) -> None:
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(ready)
 
     def _sweep(self) -> None:
         self._sweeper = None
         deadline = time.monotonic() - self.idle_timeout
         for connection in [c for c in self._idle if c.idle_since < deadline]:
-            self._idle.remove(connection)
             connection.close_idle()
-            self.forget(connection)
         if self._idle:
             self._sweeper = asyncio.get_running_loop().call_later(self.idle_timeout / 2, self._sweep)
-
-    def forget(self, connection: BackendConnection) -> None:
-        self._open.discard(connection)
-        if connection in self._idle:
-            self._idle.remove(connection)
-
-    def learn(self, keyword_lines: list[str]) -> None:
-        self.keywords = keyword_lines
-
-    async def probe(self) -> bool:
-        """Open one connection to learn the backend's EHLO; True when it answered."""
-        class _Waiter:
-            def backend_reply(self, code: int, raw: bytes) -> None:  # pragma: no cover - none sent
-                pass
-
-            def backend_failed(self) -> None:
-                pass
-
-            def backend_writable(self, writable: bool) -> None:
-                pass
-
-        connection = self.acquire(_Waiter())
-        deadline = time.monotonic() + self.connect_timeout + 1
-        while time.monotonic() < deadline and not connection.closed and self.keywords is None:
-            await asyncio.sleep(0.01)
-        connection.release()
-        return self.keywords is not None
-
-    @property
-    def idle_count(self) -> int:
-        return len(self._idle)
-
-    def close_all(self) -> None:
-        for connection in list(self._idle):
-            connection.close_idle()
-        self._idle.clear()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None

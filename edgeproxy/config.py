@@ -18,7 +18,8 @@ from typing import Any
 from edgeproxy.errors import ConfigError
 from edgeproxy.fastpath import CidrSet, DomainSet, ParseError, canonical_domain, parse_rcpt_to
 from edgeproxy.fastpath_common import REASON_SYNTAX, local_key
-from edgeproxy.smtp.replies import POLICY_DEFAULTS, POLICY_INHERITS, POLICY_RULES, Reply
+from edgeproxy.refusals import POLICY_DEFAULTS, POLICY_INHERITS, POLICY_RULES
+from edgeproxy.reply import Reply
 
 PREFIX = "EDGEPROXY_"
 _TRUE = ("1", "true", "yes")
@@ -283,6 +284,13 @@ _SETTINGS_VARIABLES: tuple[Variable, ...] = (
              "Body line limit in octets, CRLF included; longer lines refuse the message", "1000"),
     Variable("MAX_ERRORS", _int_parser(1), "20",
              "Errors and refusals per session before 421 and disconnect", "50"),
+    Variable("RECIPIENT_OVERSHOOT_LIMIT", _int_parser(0), "1000",
+             "RCPTs past MAX_RECIPIENTS answered 452 in a transaction before each further one counts "
+             "as an error (Postfix's smtpd_recipient_overshoot_limit)", "100"),
+    Variable("MAX_PENDING_INPUT", _int_parser(4096), "65536",
+             "Octets of a client's input held unanswered before the proxy stops reading from it", "262144"),
+    Variable("MAX_PIPELINE", _int_parser(1), "256",
+             "Replies a client may be owed before its further commands wait until it reads them", "1000"),
     Variable("MAX_CONNECTIONS", _int_parser(1), "1000",
              "Concurrent client connections per worker", "20000"),
     Variable("MAX_CONNECTIONS_PER_IP", _int_parser(0), "50",
@@ -292,17 +300,26 @@ _SETTINGS_VARIABLES: tuple[Variable, ...] = (
     Variable("GREETING_DELAY", _seconds_parser(0), "0",
              "Seconds to wait before the greeting; a client talking first gets 554", "2"),
     Variable("TIMEOUT", _seconds_parser(1), "300",
-             "Seconds a client may stay silent between commands (RFC 5321 §4.5.3.2.7)", "120"),
+             "Seconds a client has for each command line, and to take a final reply "
+             "(RFC 5321 §4.5.3.2.7)", "120"),
     Variable("DATA_TIMEOUT", _seconds_parser(1), "180",
              "Seconds a client may stay silent inside DATA (RFC 5321 §4.5.3.2.5)", "180"),
+    Variable("SESSION_TIMEOUT", _seconds_parser(1), "3600",
+             "Seconds a whole session may last, however busy it is", "1800"),
     Variable("BACKEND_TIMEOUT", _seconds_parser(1), "300",
              "Seconds to wait for a backend reply; 600 after the body (RFC 5321 §4.5.3.2.6)", "120"),
     Variable("BACKEND_CONNECT_TIMEOUT", _seconds_parser(0.1), "10",
              "Seconds to connect and read the backend's greeting", "5"),
-    Variable("BACKEND_POOL_SIZE", _int_parser(0), "16",
-             "Idle backend connections kept for reuse per worker", "64"),
+    Variable("BACKEND_MAX_CONNECTIONS", _int_parser(1), "100",
+             "Backend connections open at once, in total: each worker gets its share (pooled and "
+             "idle ones count; a transaction that finds none free waits)", "50"),
+    Variable("BACKEND_QUEUE_TIMEOUT", _seconds_parser(0.1), "30",
+             "Seconds a transaction waits for a free backend connection before 451 4.3.2", "10"),
     Variable("BACKEND_IDLE_TIMEOUT", _seconds_parser(1), "30",
-             "Seconds an idle pooled backend connection is kept", "60"),
+             "Seconds an idle pooled backend connection is kept; the pool shrinks to recent demand", "60"),
+    Variable("BACKEND_RETRY_INTERVAL", _seconds_parser(0.1), "2",
+             "Seconds after a failed backend connect during which transactions get 451 4.4.1 at once "
+             "instead of a new attempt", "5"),
     Variable("XCLIENT", parse_bool, "yes",
              "Announce the real client with XCLIENT when the backend offers it", "no"),
     Variable("RECEIVED_HEADER", parse_bool, "yes",
@@ -356,16 +373,22 @@ class Settings:
     max_line_length: int
     max_body_line_length: int
     max_errors: int
+    recipient_overshoot_limit: int
+    max_pending_input: int
+    max_pipeline: int
     max_connections: int
     max_connections_per_ip: int
     connection_rate: int
     greeting_delay: float
     timeout: float
     data_timeout: float
+    session_timeout: float
     backend_timeout: float
     backend_connect_timeout: float
-    backend_pool_size: int
+    backend_max_connections: int
+    backend_queue_timeout: float
     backend_idle_timeout: float
+    backend_retry_interval: float
     xclient: bool
     received_header: bool
     enable_expn: bool
@@ -402,6 +425,11 @@ class Settings:
                 replies[variable.name[len("REPLY_") :]] = value
             else:
                 values[variable.attribute] = value
+        if values.get("max_pending_input", 1 << 62) < values.get("max_line_length", 0):
+            # Else a command line of legal length could never be held whole: the session would
+            # stop reading before its end and wait for it forever.
+            problems.append(f"{PREFIX}MAX_PENDING_INPUT={environ.get(PREFIX + 'MAX_PENDING_INPUT')!r}: "
+                            f"must be at least {PREFIX}MAX_LINE_LENGTH ({values['max_line_length']})")
         for name in sorted(set(environ) - set(_BY_ENV)):
             if name.startswith(PREFIX):
                 problems.append(f"{name}={environ[name]!r}: unknown variable (misspelt?)")

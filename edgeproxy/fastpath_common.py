@@ -94,6 +94,7 @@ VIOLATION_BARE_CR = 1
 VIOLATION_BARE_LF = 2
 VIOLATION_LINE_TOO_LONG = 3
 VIOLATION_TOO_BIG = 4
+VIOLATION_NUL = 5  # a lenient backend that strips NUL would read "\x00." as the end of data
 
 
 def local_key(local: str) -> str:

@@ -8,13 +8,12 @@ and the server swaps the reference; a live policy is never mutated.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 
 from edgeproxy import fastpath_common as fc
 from edgeproxy.config import Settings
 from edgeproxy.fastpath import CidrSet, DomainSet, ParsedPath, RcptMatcher, RcptVerdict
 from edgeproxy.fastpath_common import local_key
-from edgeproxy.smtp.replies import Reply
+from edgeproxy.refusals import Refusal
 
 # RCPT rules that refuse, and the reply-table entry each answers with.
 _RULE_REPLY = {
@@ -23,14 +22,6 @@ _RULE_REPLY = {
     fc.RULE_RELAY_NEVER: "RELAY_NEVER",
     fc.RULE_RELAY_DENIED: "RELAY_DENIED",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """A policy refusal: the rule that decided (for the log) and the reply to send."""
-
-    rule: str
-    reply: Reply
 
 
 class Policy:

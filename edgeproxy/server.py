@@ -1,7 +1,11 @@
 """asyncio glue: one :class:`ClientProtocol` per client connection, around the sans-IO core.
 
 Nothing here parses SMTP or decides policy: it moves bytes between the socket, the core and the
-backend connection, runs the timers, and logs what the core reports.
+backend lease, runs the timers, and logs what the core reports. What a client can cost is
+bounded here too: reading stops while the core holds enough of its input or the client does not
+read its replies; a command line must complete within ``TIMEOUT`` and a session within
+``SESSION_TIMEOUT``; a client that does not take a final reply in time is cut off, so a slot is
+never held by a socket that does not drain.
 """
 
 from __future__ import annotations
@@ -9,17 +13,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import socket
 import time
 
 import structlog
 
-from edgeproxy.backend import BackendConnection, BackendPool, ClientIdentity
+from edgeproxy.backend import BackendLease, BackendPool
 from edgeproxy.config import Settings
+from edgeproxy.limits import ConnectionLimiter
+from edgeproxy.netutil import set_nodelay
 from edgeproxy.policy import Policy
+from edgeproxy.reply import Reply
 from edgeproxy.smtp import events as ev
 from edgeproxy.smtp import replies as r
 from edgeproxy.smtp.capabilities import Capabilities
+from edgeproxy.smtp.client import ClientIdentity
 from edgeproxy.smtp.session import SessionLimits, SmtpSession
 
 log = structlog.get_logger("edgeproxy")
@@ -30,8 +37,6 @@ class ServerState:
     """What every connection of one worker shares. ``policy`` is swapped whole on reload."""
 
     def __init__(self, settings: Settings, backend: tuple[str, int]) -> None:
-        from edgeproxy.limits import ConnectionLimiter
-
         self.settings = settings
         self.policy = Policy(settings)
         self.limits = SessionLimits(
@@ -42,6 +47,9 @@ class ServerState:
             received_header=settings.received_header,
             enable_expn=settings.enable_expn,
             enable_etrn=settings.enable_etrn,
+            max_pending_input=settings.max_pending_input,
+            max_pipeline=settings.max_pipeline,
+            recipient_overshoot=settings.recipient_overshoot_limit,
         )
         self.limiter = ConnectionLimiter(
             settings.max_connections, settings.max_connections_per_ip, settings.connection_rate
@@ -50,10 +58,13 @@ class ServerState:
             backend[0],
             backend[1],
             hostname=settings.hostname,
-            pool_size=settings.backend_pool_size,
+            # The budget is the backend's protection, so the workers split it.
+            budget=max(1, settings.backend_max_connections // settings.workers),
+            queue_timeout=settings.backend_queue_timeout,
             idle_timeout=settings.backend_idle_timeout,
             connect_timeout=settings.backend_connect_timeout,
             reply_timeout=settings.backend_timeout,
+            retry_interval=settings.backend_retry_interval,
             use_xclient=settings.xclient,
         )
         self.sessions: set[ClientProtocol] = set()
@@ -92,24 +103,64 @@ class ServerState:
         return lambda: ClientProtocol(self, listener_may_relay)
 
 
+class _RefusalLog:
+    """RFC 2505 §2.4 refusal lines, with a run of identical refusals folded into one line with a
+    count, so that a client repeating itself cannot turn the log into its amplifier."""
+
+    __slots__ = ("_count", "_key", "_last")
+
+    def __init__(self) -> None:
+        self._key: tuple[object, ...] | None = None
+        self._last: ev.Refused | None = None
+        self._count = 0
+
+    def add(self, event: ev.Refused, logger: structlog.typing.FilteringBoundLogger, helo: str | None) -> None:
+        key = (event.stage, event.rule, event.sender, _domain(event.recipient), event.reply)
+        if key == self._key:
+            self._count += 1
+            return
+        self.flush(logger, helo)
+        self._key, self._last, self._count = key, event, 1
+
+    def flush(self, logger: structlog.typing.FilteringBoundLogger, helo: str | None) -> None:
+        event = self._last
+        if event is None:
+            return
+        self._key = self._last = None
+        extra = {"count": self._count} if self._count > 1 else {}
+        # RFC 2505 §2.4: time, rule, client address and name, HELO, sender, recipient domain.
+        logger.info("refused", stage=event.stage, rule=event.rule, helo=helo, sender=event.sender,
+                    recipient_domain=_domain(event.recipient), reply=str(event.reply), **extra)
+
+
+def _domain(recipient: str | None) -> str | None:
+    return recipient.rpartition("@")[2] if recipient else None
+
+
 class ClientProtocol(asyncio.Protocol):
+    __slots__ = ("_admitted", "_backend_writable", "_client_writable", "_closing", "_last_progress", "_log",
+                 "_reading", "_refusals", "_resume_scheduled", "_started", "_timer", "client", "lease",
+                 "listener_may_relay", "session", "session_id", "state", "transport")
+
     def __init__(self, state: ServerState, listener_may_relay: bool) -> None:
         self.state = state
         self.listener_may_relay = listener_may_relay
         self.transport: asyncio.Transport | None = None
         self.session: SmtpSession | None = None
-        self.backend: BackendConnection | None = None
+        self.lease: BackendLease | None = None
         self.client = "?"
         self.session_id = ""
         self._log: structlog.typing.FilteringBoundLogger | None = None
+        self._refusals = _RefusalLog()
         self._admitted = False
         self._closing = False
         self._reading = True
         self._backend_writable = True
         self._client_writable = True
-        self._last_activity = 0.0
+        self._resume_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._started = 0.0
+        self._last_progress = 0.0
 
     # -- client side -------------------------------------------------------------------------
 
@@ -117,12 +168,10 @@ class ClientProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.client = peer[0] if peer else "?"
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(transport)
         state = self.state
         policy = state.policy
-        session_id = self.session_id = state.new_session_id()
+        self.session_id = state.new_session_id()
         refusal = policy.check_connect(self.client)
         if refusal is None and state.draining:
             self._refuse_connection("shutting_down", r.SHUTTING_DOWN)
@@ -137,24 +186,19 @@ class ClientProtocol(asyncio.Protocol):
         self._admitted = True
         state.sessions.add(self)
         grant = policy.relay_grant(self.client, self.listener_may_relay)
-        self.session = SmtpSession(
-            state.limits, policy, state.capabilities(), self.client, grant, session_id
-        )
-        self._started = self._last_activity = time.monotonic()
-        delay = state.settings.greeting_delay
+        self.session = SmtpSession(state.limits, policy, state.capabilities(), self.client, grant, self.session_id)
         loop = asyncio.get_running_loop()
+        self._started = self._last_progress = loop.time()
+        delay = state.settings.greeting_delay
         if delay > 0:
             loop.call_later(delay, self._greet)
         else:
             self._greet()
-        self._timer = loop.call_later(state.settings.timeout, self._check_idle)
+        self._timer = loop.call_later(state.settings.timeout, self._check_timeouts)
 
-    def _refuse_connection(self, rule: str, reply: r.Reply) -> None:
+    def _refuse_connection(self, rule: str, reply: Reply) -> None:
         self.log.info("refused", stage="connect", rule=rule, reply=str(reply))
-        assert self.transport is not None
-        self.transport.write(reply.encode())
-        self.transport.close()
-        self._closing = True
+        self._finish(reply)
 
     def _greet(self) -> None:
         if self.session is None or self._closing or self.session.closed:
@@ -163,11 +207,16 @@ class ClientProtocol(asyncio.Protocol):
         self.transport.write(self.session.greeting())
 
     def data_received(self, data: bytes) -> None:
-        if self.session is None or self._closing:
+        session = self.session
+        if session is None or self._closing:
             return
-        self._last_activity = time.monotonic()
+        progress = session.progress
         try:
-            self.session.receive_data(data)
+            session.receive_data(data)
+            if session.progress != progress:
+                # Only a complete command or body chunk counts as life: a client trickling a
+                # byte at a time must still finish a line within the timeout.
+                self._last_progress = asyncio.get_running_loop().time()
             self._pump()
         except Exception:
             self._crash()
@@ -175,6 +224,7 @@ class ClientProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         session = self.session
         if session is None or not self._admitted:
             return
@@ -185,16 +235,17 @@ class ClientProtocol(asyncio.Protocol):
             self._handle_events(session.take_events())
         except Exception:
             self.log.exception("connection_lost_failed")
-        if self.backend is not None:
-            self.backend.release()
-            self.backend = None
+        if self.lease is not None:
+            self.lease.close()
+            self.lease = None
         self.state.limiter.release(self.client)
         self.state.sessions.discard(self)
+        self._refusals.flush(self.log, session.helo)
         stats = session.stats
         self.log.info(
             "session",
             helo=session.helo,
-            seconds=round(time.monotonic() - self._started, 3),
+            seconds=round(asyncio.get_running_loop().time() - self._started, 3),
             messages=stats.messages,
             refusals=stats.refusals,
             errors=stats.errors,
@@ -204,10 +255,13 @@ class ClientProtocol(asyncio.Protocol):
             self.state.drained.set()
 
     def pause_writing(self) -> None:
-        self._set_reading(False)
+        self._client_writable = False
+        self._update_reading()
 
     def resume_writing(self) -> None:
-        self._set_reading(True)
+        self._client_writable = True
+        self._update_reading()
+        self._schedule_resume()
 
     @property
     def log(self) -> structlog.typing.FilteringBoundLogger:
@@ -227,12 +281,11 @@ class ClientProtocol(asyncio.Protocol):
         except Exception:
             self._crash()
 
-    def backend_failed(self) -> None:
-        self.backend = None
+    def backend_failed(self, reply: Reply) -> None:
         if self.session is None or self._closing:
             return
         try:
-            self.session.backend_failed()
+            self.session.backend_failed(reply)
             self._pump()
         except Exception:
             self._crash()
@@ -251,56 +304,67 @@ class ClientProtocol(asyncio.Protocol):
         if output:
             self.transport.write(output)
         if session.closed and session.output_complete:
-            self._close()
+            self._finish()
             return
         if self.state.draining and not session.in_transaction and session.output_complete:
-            self.transport.write(r.SHUTTING_DOWN.encode())
-            self._close()
+            self._finish(r.SHUTTING_DOWN)
             return
         self._update_reading()
+        self._schedule_resume()
 
-    def _handle_events(self, events: list[object]) -> None:
+    def _schedule_resume(self) -> None:
+        """More input is waiting behind the pipeline bound: take it on the loop's next turn, so
+        one client's backlog never holds up the others."""
+        session = self.session
+        if (session is not None and not self._resume_scheduled and not self._closing and self._client_writable
+                and session.can_resume):
+            self._resume_scheduled = True
+            asyncio.get_running_loop().call_soon(self._resume)
+
+    def _resume(self) -> None:
+        self._resume_scheduled = False
+        session = self.session
+        if session is None or self._closing:
+            return
+        try:
+            session.resume()
+            self._pump()
+        except Exception:
+            self._crash()
+
+    def _handle_events(self, events: list[ev.Event]) -> None:
         for event in events:
             if isinstance(event, ev.BackendSend):
                 self._send_backend(event)
             elif isinstance(event, ev.Refused):
-                self._log_refusal(event)
-            elif isinstance(event, ev.BackendAbort) and self.backend is not None:
-                self.log.info("backend_aborted", reason=event.reason)
-                backend, self.backend = self.backend, None
-                backend.abort()
-        if self.backend is not None:
-            self.backend.flush()  # one write for all the commands of this round
+                self._refusals.add(event, self.log, self.session.helo if self.session else None)
+            elif isinstance(event, ev.BackendRelease):
+                if self.lease is not None:
+                    self.lease.release()
+            elif isinstance(event, ev.BackendAbort):
+                if self.lease is not None and self.lease.connection is not None:
+                    self.log.info("backend_aborted", reason=event.reason)
+                    self.lease.abort()
+            elif isinstance(event, ev.TransactionEnded):
+                self.log.debug("transaction", delivered=event.delivered, recipients=event.recipients,
+                               size=event.size, reply_code=event.reply_code)
+        if self.lease is not None:
+            self.lease.flush()  # one write for all the commands of this round
 
     def _send_backend(self, event: ev.BackendSend) -> None:
-        backend = self.backend
-        if backend is None or backend.closed:
-            backend = self.backend = self.state.pool.acquire(self)
+        lease = self.lease
+        if lease is None:
+            lease = self.lease = BackendLease(self.state.pool, self)
         identity = None
-        if event.kind == ev.MAIL:
+        if event.command is ev.Command.MAIL:
             session = self.session
             assert session is not None
             identity = ClientIdentity(self.client, session.helo, "ESMTP" if session.esmtp else "SMTP")
-        backend.send(event.kind, event.data, identity)
-
-    def _log_refusal(self, event: ev.Refused) -> None:
-        # RFC 2505 §2.4: time, rule, client address and name, HELO, sender, recipient domain.
-        recipient_domain = event.recipient.rpartition("@")[2] if event.recipient else None
-        self.log.info(
-            "refused",
-            stage=event.stage,
-            rule=event.rule,
-            helo=self.session.helo if self.session else None,
-            sender=event.sender,
-            recipient_domain=recipient_domain,
-            reply=str(event.reply),
-        )
-
-    def _set_reading(self, reading: bool) -> None:
-        self._client_writable = reading
-        self._update_reading()
+        lease.send(event.command, event.data, identity)
 
     def _update_reading(self) -> None:
+        """Read only while the backend takes what we forward, the client takes its replies, and
+        the core holds less of the client's input than it may."""
         if self.transport is None or self._closing:
             return
         want = (
@@ -315,47 +379,68 @@ class ClientProtocol(asyncio.Protocol):
             else:
                 self.transport.pause_reading()
 
-    def _check_idle(self) -> None:
+    def _check_timeouts(self) -> None:
         self._timer = None
-        if self._closing or self.session is None:
-            return
         session = self.session
-        timeout = self.state.settings.data_timeout if session.in_data else self.state.settings.timeout
-        idle = time.monotonic() - self._last_activity
-        if idle >= timeout and session.output_complete:
-            self.log.info("timeout", seconds=round(idle, 1))
-            assert self.transport is not None
-            self.transport.write(r.TIMEOUT.encode())
-            session.connection_lost()
-            self._handle_events(session.take_events())
-            self._close()
+        if self._closing or session is None:
             return
-        # Silence while we owe the client replies is the backend's to answer for, not the client's.
+        settings = self.state.settings
+        now = asyncio.get_running_loop().time()
+        if now - self._started >= settings.session_timeout:
+            self._time_out(r.SESSION_TIMEOUT, now - self._started)
+            return
+        timeout = settings.data_timeout if session.in_data else settings.timeout
+        idle = now - self._last_progress
+        # Silence while the backend owes the client replies is the backend's to answer for.
+        if idle >= timeout and session.output_complete:
+            self._time_out(r.TIMEOUT, idle)
+            return
         wait = max(timeout - idle, 1.0) if session.output_complete else timeout
-        self._timer = asyncio.get_running_loop().call_later(wait, self._check_idle)
+        wait = min(wait, max(settings.session_timeout - (now - self._started), 0.1))
+        self._timer = asyncio.get_running_loop().call_later(wait, self._check_timeouts)
 
-    def _close(self) -> None:
-        if not self._closing and self.transport is not None:
-            self._closing = True
-            self.transport.close()
+    def _time_out(self, reply: Reply, seconds: float) -> None:
+        session = self.session
+        assert session is not None
+        self.log.info("timeout", seconds=round(seconds, 1), reply=str(reply))
+        session.connection_lost()
+        self._handle_events(session.take_events())
+        self._finish(reply)
+
+    def _finish(self, reply: Reply | None = None) -> None:
+        """The one way this side ends a connection: a last reply, then close once it is written.
+        A client that has not taken what it was sent loses the connection at once: waiting for
+        it to drain would let it keep its slot for as long as it likes."""
+        transport = self.transport
+        if self._closing or transport is None:
+            return
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if reply is not None:
+            transport.write(reply.encode())
+        if not self._client_writable:
+            transport.abort()
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.state.settings.timeout, transport.abort)
 
     def _crash(self) -> None:
         """Any bug in handling one client costs that client a 421, never the process."""
         self.log.exception("session_crashed")
-        if self.backend is not None:
-            backend, self.backend = self.backend, None
-            backend.abort()
-        if self.transport is not None and not self._closing:
-            self.transport.write(r.LOCAL_ERROR.encode())
-            self._close()
+        if self.lease is not None:
+            self.lease.abort()
+        self._finish(r.LOCAL_ERROR)
 
     def drain(self) -> None:
         session = self.session
         if session is None or self._closing or self.transport is None:
             return
         if not session.in_transaction and session.output_complete:
-            self.transport.write(r.SHUTTING_DOWN.encode())
-            self._close()
+            self._finish(r.SHUTTING_DOWN)
 
     def abort(self) -> None:
         if self.session is not None and not self._closing:

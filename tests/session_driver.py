@@ -33,13 +33,13 @@ QUEUED = (250, b"250 2.0.0 backend: queued as 4711\r\n")
 RSET_OK = (250, b"250 2.0.0 backend: reset\r\n")
 EXPN_OK = (250, b"250 2.1.5 backend: expanded\r\n")
 DEFAULT_ANSWERS: dict[str, tuple[int, bytes]] = {
-    ev.MAIL: MAIL_OK,
-    ev.RCPT: RCPT_OK,
-    ev.DATA: DATA_GO,
-    ev.END: QUEUED,
-    ev.RSET: RSET_OK,
-    ev.EXPN: EXPN_OK,
-    ev.ETRN: EXPN_OK,
+    ev.Command.MAIL: MAIL_OK,
+    ev.Command.RCPT: RCPT_OK,
+    ev.Command.DATA: DATA_GO,
+    ev.Command.END: QUEUED,
+    ev.Command.RSET: RSET_OK,
+    ev.Command.EXPN: EXPN_OK,
+    ev.Command.ETRN: EXPN_OK,
 }
 
 SMTP = b"EHLO client.test\r\n"
@@ -158,11 +158,11 @@ class Driver:
 
     def _answer_one(self, reply: tuple[int, bytes] | None = None) -> None:
         command = self.pending.popleft()
-        number = self.counts[command.kind]
-        self.counts[command.kind] += 1
+        number = self.counts[command.command]
+        self.counts[command.command] += 1
         if reply is None:
-            reply = self.script.get((command.kind, number), DEFAULT_ANSWERS[command.kind])
-        self.answers.append((command.kind, reply[0]))
+            reply = self.script.get((command.command, number), DEFAULT_ANSWERS[command.command])
+        self.answers.append((command.command, reply[0]))
         self.session.backend_reply(*reply)
 
     def _new_connection(self) -> None:
@@ -178,7 +178,7 @@ class Driver:
                 self.events.append(event)
                 if isinstance(event, ev.BackendSend):
                     self.connections[-1].append(event)
-                    if event.expects_reply:
+                    if event.command.expects_reply:
                         self.pending.append(event)
                 elif isinstance(event, ev.BackendAbort):
                     self.lost_at_abort += len(self.pending)
@@ -201,11 +201,11 @@ class Driver:
         return [
             send.data
             for send in self.sent
-            if send.expects_reply and send.kind != ev.END and (kind is None or send.kind == kind)
+            if send.command.expects_reply and send.command != ev.Command.END and (kind is None or send.command == kind)
         ]
 
     def kinds(self) -> list[str]:
-        return [send.kind for send in self.sent]
+        return [send.command for send in self.sent]
 
     @property
     def backend_bytes(self) -> bytes:
@@ -215,9 +215,9 @@ class Driver:
         """Each body ended with an END chunk: BODY chunks and the END chunk, joined."""
         done, current = [], bytearray()
         for event in self.events:
-            if isinstance(event, ev.BackendSend) and event.kind in (ev.BODY, ev.END):
+            if isinstance(event, ev.BackendSend) and event.command in (ev.Command.BODY, ev.Command.END):
                 current += event.data
-                if event.kind == ev.END:
+                if event.command == ev.Command.END:
                     done.append(bytes(current))
                     current.clear()
             elif isinstance(event, ev.BackendAbort):
@@ -289,13 +289,13 @@ def digest(driver: Driver) -> Digest:
     body = bytearray()
     for event in driver.events:
         if isinstance(event, ev.BackendSend):
-            if event.kind == ev.BODY:
+            if event.command == ev.Command.BODY:
                 body += event.data
-            elif event.kind == ev.END:
+            elif event.command == ev.Command.END:
                 result.trace.append(("message", bytes(body + event.data)))
                 body.clear()
             else:
-                result.trace.append((event.kind, event.data))
+                result.trace.append((event.command, event.data))
         elif isinstance(event, ev.BackendAbort):
             result.trace.append(("abort",))
             body.clear()

@@ -17,7 +17,8 @@ import pytest
 from edgeproxy import cli
 from edgeproxy.config import VARIABLES, Settings, Variable, parse_bool
 from edgeproxy.errors import ConfigError, EdgeproxyError
-from edgeproxy.smtp.replies import POLICY_DEFAULTS, POLICY_RULES, Reply
+from edgeproxy.refusals import POLICY_DEFAULTS, POLICY_RULES
+from edgeproxy.reply import Reply
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {"EDGEPROXY_HOSTNAME": "mx.example.test"}  # so that no test asks DNS for the host's FQDN
@@ -77,16 +78,22 @@ EXAMPLE_VALUES: dict[str, object] = {
     "MAX_LINE_LENGTH": 2048,
     "MAX_BODY_LINE_LENGTH": 1000,
     "MAX_ERRORS": 50,
+    "RECIPIENT_OVERSHOOT_LIMIT": 100,
+    "MAX_PENDING_INPUT": 262144,
+    "MAX_PIPELINE": 1000,
     "MAX_CONNECTIONS": 20000,
     "MAX_CONNECTIONS_PER_IP": 20,
     "CONNECTION_RATE": 120,
     "GREETING_DELAY": 2.0,
     "TIMEOUT": 120.0,
     "DATA_TIMEOUT": 180.0,
+    "SESSION_TIMEOUT": 1800.0,
     "BACKEND_TIMEOUT": 120.0,
     "BACKEND_CONNECT_TIMEOUT": 5.0,
-    "BACKEND_POOL_SIZE": 64,
+    "BACKEND_MAX_CONNECTIONS": 50,
+    "BACKEND_QUEUE_TIMEOUT": 10.0,
     "BACKEND_IDLE_TIMEOUT": 60.0,
+    "BACKEND_RETRY_INTERVAL": 5.0,
     "XCLIENT": False,
     "RECEIVED_HEADER": False,
     "ENABLE_EXPN": True,
@@ -125,16 +132,22 @@ BAD_VALUES: dict[str, str] = {
     "MAX_LINE_LENGTH": "100",
     "MAX_BODY_LINE_LENGTH": "999",
     "MAX_ERRORS": "-1",
+    "RECIPIENT_OVERSHOOT_LIMIT": "-1",
+    "MAX_PENDING_INPUT": "1024",
+    "MAX_PIPELINE": "0",
     "MAX_CONNECTIONS": "1.5",
     "MAX_CONNECTIONS_PER_IP": "-2",
     "CONNECTION_RATE": "fast",
     "GREETING_DELAY": "-1",
     "TIMEOUT": "0",
     "DATA_TIMEOUT": "inf",
+    "SESSION_TIMEOUT": "0.5",
     "BACKEND_TIMEOUT": "soon",
     "BACKEND_CONNECT_TIMEOUT": "0",
-    "BACKEND_POOL_SIZE": "-1",
+    "BACKEND_MAX_CONNECTIONS": "0",
+    "BACKEND_QUEUE_TIMEOUT": "0",
     "BACKEND_IDLE_TIMEOUT": "nan",
+    "BACKEND_RETRY_INTERVAL": "-1",
     "XCLIENT": "on",
     "RECEIVED_HEADER": "2",
     "ENABLE_EXPN": "",

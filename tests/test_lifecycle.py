@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from edgeproxy.refusals import POLICY_DEFAULTS
 from edgeproxy.smtp import replies as r
 from tests.conftest import wait_for
 from tests.test_proxy_attacks import Client, start_message
 from tests.test_proxy_faults import closed_port, delivered_numbers, numbered
 
-RELAY_DENIED = r.POLICY_DEFAULTS["RELAY_DENIED"]
+RELAY_DENIED = POLICY_DEFAULTS["RELAY_DENIED"]
 
 
 class ServeProcess:

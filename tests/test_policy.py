@@ -18,7 +18,8 @@ from edgeproxy.config import Settings
 from edgeproxy.errors import ParseError
 from edgeproxy.fastpath import RcptVerdict, parse_mail_from
 from edgeproxy.policy import Policy, Refusal
-from edgeproxy.smtp.replies import POLICY_DEFAULTS, POLICY_INHERITS, POLICY_RULES, Reply
+from edgeproxy.refusals import POLICY_DEFAULTS, POLICY_INHERITS, POLICY_RULES
+from edgeproxy.reply import Reply
 
 LOCAL = "example.test"  # EDGEPROXY_LOCAL_DOMAINS' default
 FOREIGN = "elsewhere.test"

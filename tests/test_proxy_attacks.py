@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from edgeproxy.refusals import POLICY_DEFAULTS
 from edgeproxy.smtp import replies as r
 from tests.backends import PipeliningSink
 from tests.conftest import wait_for
@@ -117,7 +118,7 @@ def test_message_over_the_size_limit_is_refused_and_not_delivered(make_proxy, si
     assert b"250-SIZE 2000\r\n" in ehlo
     client = start_message(proxy.port)
     client.sock.sendall((b"z" * 78 + b"\r\n") * 60 + b".\r\n")
-    assert client.read_reply() == r.POLICY_DEFAULTS["MESSAGE_TOO_BIG"].encode()
+    assert client.read_reply() == POLICY_DEFAULTS["MESSAGE_TOO_BIG"].encode()
     client.close()
     time.sleep(0.2)
     assert sink.messages == []
@@ -127,7 +128,7 @@ def test_recipient_flood_gets_452_past_the_limit(make_proxy, sink) -> None:
     proxy = make_proxy(sink.address, max_recipients="3")
     rcpts = b"".join(b"RCPT TO:<u%d@example.test>\r\n" % n for n in range(5))
     reply = raw_session(proxy.port, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n" + rcpts + b"QUIT\r\n")
-    too_many = r.POLICY_DEFAULTS["TOO_MANY_RECIPIENTS"].code
+    too_many = POLICY_DEFAULTS["TOO_MANY_RECIPIENTS"].code
     assert reply_codes(reply)[-6:] == [250, 250, 250, too_many, too_many, 221]
 
 

@@ -10,12 +10,13 @@ import subprocess
 import aiosmtplib
 import pytest
 
+from edgeproxy.refusals import POLICY_DEFAULTS
 from edgeproxy.smtp import replies as r
 from tests.backends import AiosmtpdSink, PipeliningSink
 from tests.conftest import require_tool, wait_for
 
 MESSAGE = b"From: a@sender.test\r\nTo: user@example.test\r\nSubject: hello\r\n\r\nHello.\r\n.dot line\r\n"
-RELAY_DENIED = r.POLICY_DEFAULTS["RELAY_DENIED"]
+RELAY_DENIED = POLICY_DEFAULTS["RELAY_DENIED"]
 
 
 def raw_session(port: int, payload: bytes, read_until: bytes = b"221", timeout: float = 10) -> bytes:

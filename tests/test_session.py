@@ -79,7 +79,7 @@ def test_several_transactions_per_session() -> None:
     for number in range(3):
         output = driver.feed(transaction(body=f"message {number}".encode()))
         assert split_replies(output) == [r.SENDER_OK.encode(), RCPT_OK[1], DATA_GO[1], QUEUED[1]]
-    assert driver.commands(ev.MAIL) == [MAIL] * 3
+    assert driver.commands(ev.Command.MAIL) == [MAIL] * 3
     assert driver.messages() == [f"message {number}".encode() + END for number in range(3)]
     assert [event.delivered for event in driver.ended] == [True] * 3
     assert driver.session.stats.messages == 3
@@ -128,7 +128,7 @@ def test_rset_mid_transaction_resets_the_backend_too() -> None:
     driver = started()
     driver.feed(MAIL + RCPT)
     assert driver.feed(b"RSET\r\n") == r.RESET_OK.encode()
-    assert driver.kinds() == [ev.MAIL, ev.RCPT, ev.RSET]
+    assert driver.kinds() == [ev.Command.MAIL, ev.Command.RCPT, ev.Command.RSET]
     assert not driver.session.in_transaction
     assert driver.feed(MAIL) == r.SENDER_OK.encode()  # not a nested MAIL
 
@@ -143,8 +143,8 @@ def test_ehlo_mid_transaction_abandons_it() -> None:
     driver = started()
     driver.feed(MAIL + RCPT)
     ehlo_keywords(driver.feed(SMTP))
-    assert driver.kinds() == [ev.MAIL, ev.RCPT, ev.RSET]
-    assert driver.feed(b"DATA\r\n") == r.NEED_MAIL.encode()
+    assert driver.kinds() == [ev.Command.MAIL, ev.Command.RCPT, ev.Command.RSET]
+    assert driver.feed(b"DATA\r\n") == r.NEED_MAIL_BEFORE_DATA.encode()
 
 
 def test_noop() -> None:
@@ -229,8 +229,9 @@ def test_nested_mail() -> None:
     assert r.NESTED_MAIL.code == 503
 
 
-def test_data_before_mail() -> None:
-    assert started().feed(b"DATA\r\n") == r.NEED_MAIL.encode()
+def test_data_before_mail_names_mail_before_data() -> None:
+    # Found in review: it used to answer with the RCPT sequence error's text.
+    assert started().feed(b"DATA\r\n") == r.NEED_MAIL_BEFORE_DATA.encode()
 
 
 def test_data_with_no_recipient_is_503_and_reads_no_body() -> None:
@@ -319,7 +320,7 @@ def test_body_over_the_size_limit_is_refused_after_its_end_and_the_backend_abort
         r.OK.encode(),
     ]
     assert len(driver.aborts) == 1
-    assert ev.END not in driver.kinds()
+    assert ev.Command.END not in driver.kinds()
     assert [event.rule for event in driver.refused] == ["message_too_big"]
     assert [event.delivered for event in driver.ended] == [False]
 
@@ -362,7 +363,7 @@ def test_backend_refusing_mail_gives_every_rcpt_its_mail_reply() -> None:
     no_mail = (503, b"503 5.5.1 backend: need MAIL first\r\n")
     driver = started(
         auto=True,
-        script={(ev.MAIL, 0): refusal, (ev.RCPT, 0): no_mail, (ev.RCPT, 1): no_mail},
+        script={(ev.Command.MAIL, 0): refusal, (ev.Command.RCPT, 0): no_mail, (ev.Command.RCPT, 1): no_mail},
     )
     output = driver.feed(MAIL + RCPT + RELAY + RCPT2)
     assert split_replies(output) == [r.SENDER_OK.encode(), refusal[1], RELAY_DENIED, refusal[1]]
@@ -387,7 +388,7 @@ def test_the_clients_final_reply_is_the_backends() -> None:
     ids=["554", "452"],
 )
 def test_the_backends_final_refusal_reaches_the_client(reply: tuple[int, bytes]) -> None:
-    driver = started(script={(ev.END, 0): reply})
+    driver = started(script={(ev.Command.END, 0): reply})
     assert driver.feed(transaction()).endswith(reply[1])
     assert [(event.delivered, event.reply_code) for event in driver.ended] == [(False, reply[0])]
     assert driver.session.stats.messages == 0
@@ -399,7 +400,7 @@ def test_next_transaction_may_be_pipelined_behind_the_final_reply() -> None:
     driver.answer(3)
     driver.read()
     assert driver.feed(BODY + END + MAIL + RCPT2) == b""
-    assert driver.kinds()[-3:] == [ev.END, ev.MAIL, ev.RCPT]
+    assert driver.kinds()[-3:] == [ev.Command.END, ev.Command.MAIL, ev.Command.RCPT]
     assert driver.answer() == QUEUED[1] + r.SENDER_OK.encode()
     assert driver.answer(2) == RCPT_OK[1]
 
@@ -411,12 +412,12 @@ def test_bytes_after_data_wait_for_the_backends_354() -> None:
     driver = started(auto=False)
     held = b"RSET\r\nMAIL FROM:<evil@far.test>\r\nRCPT TO:<x@example.test>\r\n" + END
     assert driver.feed(MAIL + RCPT + b"DATA\r\n" + held) == r.SENDER_OK.encode()
-    assert driver.kinds() == [ev.MAIL, ev.RCPT, ev.DATA]  # no BODY before the 354
+    assert driver.kinds() == [ev.Command.MAIL, ev.Command.RCPT, ev.Command.DATA]  # no BODY before the 354
     assert driver.answer(2) == RCPT_OK[1]
-    assert driver.kinds() == [ev.MAIL, ev.RCPT, ev.DATA]
+    assert driver.kinds() == [ev.Command.MAIL, ev.Command.RCPT, ev.Command.DATA]
     assert driver.answer() == DATA_GO[1]  # and no replies to body lines
     assert driver.messages() == [held]
-    assert driver.commands(ev.MAIL) == [MAIL]
+    assert driver.commands(ev.Command.MAIL) == [MAIL]
     assert driver.answer() == QUEUED[1]
 
 
@@ -426,8 +427,8 @@ def test_bytes_after_a_refused_data_are_commands() -> None:
     driver.feed(MAIL + RCPT + b"DATA\r\nRSET\r\nNOOP\r\n")
     driver.answer(2)
     assert driver.answer(reply=refusal) == refusal[1] + r.RESET_OK.encode() + r.OK.encode()
-    assert ev.BODY not in driver.kinds() and not driver.session.in_data
-    assert driver.kinds()[-1] == ev.RSET
+    assert ev.Command.BODY not in driver.kinds() and not driver.session.in_data
+    assert driver.kinds()[-1] == ev.Command.RSET
 
 
 def test_a_client_far_ahead_of_data_is_paused() -> None:
@@ -459,13 +460,13 @@ def test_backend_receives_commands_built_from_the_parsed_values() -> None:
 def test_a_source_route_from_a_client_that_may_relay_is_not_forwarded() -> None:
     driver = started(make_session(grant=fc.GRANT_ALLOW_LIST))
     driver.feed(MAIL + b"RCPT TO:<@hop1.test,@hop2.test:user@example.test>\r\n")
-    assert driver.commands(ev.RCPT) == [b"RCPT TO:<user@example.test>\r\n"]
+    assert driver.commands(ev.Command.RCPT) == [b"RCPT TO:<user@example.test>\r\n"]
 
 
 def test_idna_domains_are_forwarded_in_a_label_form() -> None:
     driver = started()
     driver.feed("MAIL FROM:<a@bücher.test>\r\n".encode() + RCPT)
-    assert driver.commands(ev.MAIL) == [b"MAIL FROM:<a@xn--bcher-kva.test>\r\n"]
+    assert driver.commands(ev.Command.MAIL) == [b"MAIL FROM:<a@xn--bcher-kva.test>\r\n"]
 
 
 def test_received_header_leads_the_body() -> None:
@@ -500,8 +501,8 @@ def assert_smuggling_refused(fake_end: bytes, rule: str) -> None:
             r.CLOSING.encode(),
         ]
         assert len(driver.aborts) == 1
-        assert ev.END not in driver.kinds()
-        assert driver.commands(ev.MAIL) == [MAIL]  # no second MAIL ever reaches the backend
+        assert ev.Command.END not in driver.kinds()
+        assert driver.commands(ev.Command.MAIL) == [MAIL]  # no second MAIL ever reaches the backend
         assert b"evil" not in b"".join(driver.commands())
         assert [(e.stage, e.rule) for e in driver.refused] == [("data", rule)]
         assert [event.delivered for event in driver.ended] == [False]
@@ -631,7 +632,7 @@ def test_over_long_body_line() -> None:
     body = b"ok\r\n" + b"z" * 999 + b"\r\nmore\r\n"
     output = driver.feed(transaction(body=body))
     assert output.endswith(r.BODY_LINE_TOO_LONG.encode())
-    assert len(driver.aborts) == 1 and ev.END not in driver.kinds()
+    assert len(driver.aborts) == 1 and ev.Command.END not in driver.kinds()
     assert [event.rule for event in driver.refused] == ["body_line_too_long"]
 
 
@@ -654,7 +655,7 @@ def test_recipient_flood() -> None:
     too_many = config.replies["TOO_MANY_RECIPIENTS"]
     assert (too_many.code, too_many.enhanced) == (452, "4.5.3")
     assert split_replies(output) == [r.SENDER_OK.encode()] + [RCPT_OK[1]] * 3 + [too_many.encode()] * 2
-    assert len(driver.commands(ev.RCPT)) == 3
+    assert len(driver.commands(ev.Command.RCPT)) == 3
     assert [event.rule for event in driver.refused] == ["too_many_recipients"] * 2
 
 
@@ -750,7 +751,7 @@ def test_relay_from_a_never_host_is_refused_but_local_mail_is_taken() -> None:
     driver = started(make_session(grant=fc.GRANT_NEVER))
     output = driver.feed(MAIL + RELAY + RCPT)
     assert split_replies(output) == [r.SENDER_OK.encode(), DEFAULTS.replies["RELAY_NEVER"].encode(), RCPT_OK[1]]
-    assert driver.commands(ev.RCPT) == [RCPT]
+    assert driver.commands(ev.Command.RCPT) == [RCPT]
 
 
 def test_soft_reject_turns_relay_refusals_into_4xx() -> None:
@@ -769,7 +770,7 @@ def test_client_vanishing_mid_data_aborts_the_backend() -> None:
     assert driver.session.in_data
     driver.lose_client()
     assert len(driver.aborts) == 1
-    assert ev.END not in driver.kinds()
+    assert ev.Command.END not in driver.kinds()
     assert driver.session.closed
 
 
@@ -841,7 +842,7 @@ def test_backend_failing_while_data_awaits_its_354() -> None:
 
 
 def test_backend_421_is_never_relayed_as_421_for_one_command() -> None:
-    driver = started(script={(ev.RCPT, 0): (421, b"421 4.3.2 backend: shutting down\r\n")})
+    driver = started(script={(ev.Command.RCPT, 0): (421, b"421 4.3.2 backend: shutting down\r\n")})
     output = driver.feed(MAIL + RCPT)
     assert split_replies(output) == [r.SENDER_OK.encode(), r.BACKEND_UNAVAILABLE.encode()]
     assert not driver.session.closed

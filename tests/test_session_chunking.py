@@ -57,16 +57,16 @@ DIALOGUES: dict[str, Dialogue] = {
     ),
     "backend-refuses-mail": Dialogue(
         SMTP + MAIL + RCPT + RELAY + RCPT2 + b"RSET\r\n" + txn(b"ok") + b"QUIT\r\n",
-        script={(ev.MAIL, 0): (550, b"550 5.7.1 no\r\n"), (ev.RCPT, 0): (503, b"503 5.5.1 seq\r\n"),
-                (ev.RCPT, 1): (503, b"503 5.5.1 seq\r\n")},
+        script={(ev.Command.MAIL, 0): (550, b"550 5.7.1 no\r\n"), (ev.Command.RCPT, 0): (503, b"503 5.5.1 seq\r\n"),
+                (ev.Command.RCPT, 1): (503, b"503 5.5.1 seq\r\n")},
     ),
     "backend-refuses-data": Dialogue(
         SMTP + MAIL + RCPT + b"DATA\r\nRSET\r\nNOOP\r\nBOGUS\r\n" + txn(b"again") + b"QUIT\r\n",
-        script={(ev.DATA, 0): (554, b"554 5.5.1 no valid recipients\r\n")},
+        script={(ev.Command.DATA, 0): (554, b"554 5.5.1 no valid recipients\r\n")},
     ),
     "backend-refuses-message": Dialogue(
         SMTP + txn(b"spam") + txn(b"ham") + b"QUIT\r\n",
-        script={(ev.END, 0): (554, b"554 5.7.0 spam\r\n")},
+        script={(ev.Command.END, 0): (554, b"554 5.7.0 spam\r\n")},
     ),
     "smuggling-lf-dot-crlf": Dialogue(SMTP + txn(b"x\n.\r\n" + SMUGGLED) + b"QUIT\r\n"),
     "smuggling-cr-dot-crlf": Dialogue(SMTP + txn(b"x\r.\r\n" + SMUGGLED) + b"QUIT\r\n"),

@@ -26,9 +26,9 @@ SETTINGS = Settings.from_env({"EDGEPROXY_MAX_RECIPIENTS": "3", "EDGEPROXY_MAX_ER
 POLICY = Policy(SETTINGS)
 LIMITS = SessionLimits("proxy.test", 512, 1000, SETTINGS.max_errors, True, False, False)
 CAPABILITIES = Capabilities.negotiate(100_000, ["PIPELINING", "8BITMIME", "SMTPUTF8"])
-BACKEND_ANSWERS = {ev.MAIL: (250, b"250 2.1.0 Ok\r\n"), ev.RCPT: (250, b"250 2.1.5 Ok\r\n"),
-                   ev.DATA: (354, b"354 Go\r\n"), ev.END: (250, b"250 2.0.0 Queued\r\n"),
-                   ev.RSET: (250, b"250 2.0.0 Ok\r\n")}
+BACKEND_ANSWERS = {ev.Command.MAIL: (250, b"250 2.1.0 Ok\r\n"), ev.Command.RCPT: (250, b"250 2.1.5 Ok\r\n"),
+                   ev.Command.DATA: (354, b"354 Go\r\n"), ev.Command.END: (250, b"250 2.0.0 Queued\r\n"),
+                   ev.Command.RSET: (250, b"250 2.0.0 Ok\r\n")}
 
 
 def run(chunks: list[bytes]) -> tuple[bytes, bytes, list[object], list[object]]:
@@ -49,16 +49,16 @@ def run(chunks: list[bytes]) -> tuple[bytes, bytes, list[object], list[object]]:
                 if isinstance(event, ev.BackendSend):
                     # Body bytes count once the end marker went out: an aborted body never became
                     # a message, however much of it was streamed before the abort.
-                    if event.kind in (ev.BODY, ev.END):
+                    if event.command in (ev.Command.BODY, ev.Command.END):
                         body.append(event.data)
                     else:
                         backend.append(event.data)
-                    if event.kind == ev.END:
+                    if event.command == ev.Command.END:
                         backend.extend(body)
                         body.clear()
-                    if event.expects_reply:
-                        commands.append(event.kind)
-                        replies.append(BACKEND_ANSWERS[event.kind])
+                    if event.command.expects_reply:
+                        commands.append(event.command)
+                        replies.append(BACKEND_ANSWERS[event.command])
                 elif isinstance(event, ev.Refused):
                     digest.append(("refused", event.rule))
                 elif isinstance(event, ev.BackendAbort):
@@ -115,7 +115,7 @@ def test_any_chunking_agrees(name: str, cuts: list[int]) -> None:
 def test_smuggled_commands_never_reach_the_backend_as_commands() -> None:
     output, backend, commands, digest = run([DIALOGUES["smuggling"]])
     assert b"MAIL FROM:<evil@x.test>" not in backend
-    assert commands.count(ev.MAIL) == 1 and "abort" in digest
+    assert commands.count(ev.Command.MAIL) == 1 and "abort" in digest
     assert r.BODY_BARE_LINE_END.encode() in output
 
 

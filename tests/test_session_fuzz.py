@@ -44,17 +44,17 @@ COMMAND_LINE = re.compile(rb"[^\r\n\x00]*\r\n")
 
 # Backend answers per kind, including refusals and the 421 of a backend going away.
 ANSWERS = {
-    ev.MAIL: [(250, b"250 2.1.0 ok\r\n"), (451, b"451 4.3.0 later\r\n"), (550, b"550 5.7.1 no\r\n"),
+    ev.Command.MAIL: [(250, b"250 2.1.0 ok\r\n"), (451, b"451 4.3.0 later\r\n"), (550, b"550 5.7.1 no\r\n"),
               (421, b"421 4.3.2 bye\r\n")],
-    ev.RCPT: [(250, b"250 2.1.5 ok\r\n"), (450, b"450 4.2.0 busy\r\n"), (550, b"550 5.1.1 unknown\r\n"),
+    ev.Command.RCPT: [(250, b"250 2.1.5 ok\r\n"), (450, b"450 4.2.0 busy\r\n"), (550, b"550 5.1.1 unknown\r\n"),
               (503, b"503 5.5.1 sequence\r\n"), (421, b"421 4.3.2 bye\r\n")],
-    ev.DATA: [(354, b"354 go\r\n"), (554, b"554 5.5.1 no recipients\r\n"), (451, b"451 4.3.0 later\r\n"),
+    ev.Command.DATA: [(354, b"354 go\r\n"), (554, b"554 5.5.1 no recipients\r\n"), (451, b"451 4.3.0 later\r\n"),
               (421, b"421 4.3.2 bye\r\n")],
-    ev.END: [(250, b"250 2.0.0 queued\r\n"), (451, b"451 4.3.0 later\r\n"), (554, b"554 5.7.0 spam\r\n"),
+    ev.Command.END: [(250, b"250 2.0.0 queued\r\n"), (451, b"451 4.3.0 later\r\n"), (554, b"554 5.7.0 spam\r\n"),
              (421, b"421 4.3.2 bye\r\n")],
-    ev.RSET: [(250, b"250 2.0.0 ok\r\n")],
-    ev.EXPN: [(250, b"250 2.1.5 list\r\n"), (502, b"502 5.5.1 no\r\n")],
-    ev.ETRN: [(250, b"250 2.0.0 ok\r\n")],
+    ev.Command.RSET: [(250, b"250 2.0.0 ok\r\n")],
+    ev.Command.EXPN: [(250, b"250 2.1.5 list\r\n"), (502, b"502 5.5.1 no\r\n")],
+    ev.Command.ETRN: [(250, b"250 2.0.0 ok\r\n")],
 }
 
 OPERATIONS = st.lists(
@@ -80,7 +80,7 @@ def check_invariants(driver: Driver) -> None:
     for connection in driver.connections:
         check_connection(connection)
     delivered = [event for event in driver.ended if event.delivered]
-    assert len(delivered) == sum(1 for kind, code in driver.answers if kind == ev.END and 200 <= code < 300)
+    assert len(delivered) == sum(1 for kind, code in driver.answers if kind == ev.Command.END and 200 <= code < 300)
 
 
 def check_connection(sends: list[ev.BackendSend]) -> None:
@@ -89,17 +89,17 @@ def check_connection(sends: list[ev.BackendSend]) -> None:
     body: bytearray | None = None  # the message being sent, once DATA was
     after_data = False
     for send in sends:
-        if send.kind in (ev.BODY, ev.END):
+        if send.command in (ev.Command.BODY, ev.Command.END):
             assert after_data or body is not None, f"body bytes without DATA: {send}"
             body = bytearray() if body is None else body
             body += send.data
-            if send.kind == ev.END:
+            if send.command == ev.Command.END:
                 check_message(bytes(body))
                 body, after_data = None, False
             continue
         assert body is None, f"command {send.data!r} inside an open body"
         assert COMMAND_LINE.fullmatch(send.data), send.data
-        after_data = send.kind == ev.DATA
+        after_data = send.command == ev.Command.DATA
 
 
 def check_message(message: bytes) -> None:
@@ -111,7 +111,7 @@ def check_message(message: bytes) -> None:
 
 
 def answer(driver: Driver, choice: int) -> None:
-    kind = driver.pending[0].kind
+    kind = driver.pending[0].command
     options = ANSWERS[kind]
     code, raw = options[choice % len(options)]
     driver.answer(reply=(code, raw))
@@ -268,7 +268,7 @@ def test_a_stranger_never_gets_a_foreign_recipient_forwarded(address: str, param
     driver.feed(f"RCPT TO:<{address}>{params}\r\n".encode())
     driver.feed(f"MAIL FROM:<{address}>{params}\r\n".encode())
     check_invariants(driver)
-    for line in driver.commands(ev.RCPT):
+    for line in driver.commands(ev.Command.RCPT):
         match = FORWARDED_RCPT.fullmatch(line)
         assert match, line
         forwarded = match.group(1).decode()

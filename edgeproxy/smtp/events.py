@@ -1,37 +1,51 @@
-"""What the SMTP core asks of the I/O layer, as plain values."""
+"""What the SMTP core asks of the I/O layer, as typed values.
+
+Every event derives from :class:`Event`; the I/O layer dispatches on the class. The commands the
+core forwards to the backend are the :class:`Command` enum; the backend client's own commands
+(greeting, EHLO, XCLIENT...) are a separate enum in :mod:`edgeproxy.smtp.client`, so the two can
+never be mistaken for each other.
+"""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
-from edgeproxy.smtp.replies import Reply
-
-# Kinds of BackendSend. Each but BODY expects exactly one reply from the backend.
-MAIL = "MAIL"
-RCPT = "RCPT"
-DATA = "DATA"
-BODY = "BODY"  # a chunk of the message, end marker not included
-END = "END"  # the last chunk, end marker included
-RSET = "RSET"
-EXPN = "EXPN"  # passed through only when enabled
-ETRN = "ETRN"
+from edgeproxy.reply import Reply
 
 
-@dataclass(slots=True)
-class BackendSend:
-    """Bytes for the backend. The I/O layer opens (or takes from the pool) a connection first
-    when it holds none; it may pipeline them when the backend offers PIPELINING."""
+class Command(enum.Enum):
+    """A client command forwarded to the backend. Each but BODY expects exactly one reply."""
 
-    kind: str
-    data: bytes
+    MAIL = "MAIL"
+    RCPT = "RCPT"
+    DATA = "DATA"
+    BODY = "BODY"  # a chunk of the message, end marker not included
+    END = "END"  # the last chunk, end marker included
+    RSET = "RSET"
+    EXPN = "EXPN"  # passed through only when enabled
+    ETRN = "ETRN"
 
     @property
     def expects_reply(self) -> bool:
-        return self.kind != BODY
+        return self is not Command.BODY
+
+
+class Event:
+    __slots__ = ()
 
 
 @dataclass(slots=True)
-class BackendAbort:
+class BackendSend(Event):
+    """Bytes for the backend. The I/O layer opens (or takes from the pool) a connection first
+    when it holds none; it may pipeline them when the backend offers PIPELINING."""
+
+    command: Command
+    data: bytes
+
+
+@dataclass(slots=True)
+class BackendAbort(Event):
     """Drop the backend connection without ending the message, so nothing is delivered.
 
     Used when the body turns out bad after part of it was forwarded, and when the client
@@ -41,7 +55,13 @@ class BackendAbort:
 
 
 @dataclass(slots=True)
-class Refused:
+class BackendRelease(Event):
+    """The core owes the backend nothing and holds no transaction there: the connection may go
+    back to the pool for other sessions (a session keeps none while it idles)."""
+
+
+@dataclass(slots=True)
+class Refused(Event):
     """One policy or protocol refusal, for the RFC 2505 §2.4 log line."""
 
     stage: str  # connect, mail, rcpt, data
@@ -52,8 +72,8 @@ class Refused:
 
 
 @dataclass(slots=True)
-class TransactionEnded:
-    """A message's fate, for the session summary and metrics."""
+class TransactionEnded(Event):
+    """A message's fate, for the log and metrics."""
 
     delivered: bool
     recipients: int

@@ -7,25 +7,33 @@ replies they are: each command gets a slot, and output is the filled prefix of t
 
 After ``DATA`` no further client byte is read until the backend has answered it: the same bytes
 are commands after a ``503`` and body after a ``354``, and guessing is how pipelines desync.
+
+Every resource a client can make the session hold is bounded: input held unanswered
+(``max_pending_input``), replies owed (``max_pipeline``: interpreting stops there until the
+client reads), excess recipients (``recipient_overshoot``), errors (``max_errors``).
 """
 
 from __future__ import annotations
 
-import email.utils
 import functools
+import re
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import ClassVar
 
 from edgeproxy import fastpath_common as fc
 from edgeproxy.fastpath import DataScanner, ParsedPath, ParseError, parse_command, parse_mail_from
-from edgeproxy.policy import Policy, Refusal
+from edgeproxy.reply import Reply
 from edgeproxy.smtp import events as ev
 from edgeproxy.smtp import replies as r
 from edgeproxy.smtp.capabilities import Capabilities
+from edgeproxy.smtp.events import Command
+from edgeproxy.smtp.interface import SessionLimits, SessionPolicy
+from edgeproxy.smtp.message import Transaction, body_fault, command_line, received_header
+from edgeproxy.smtp.state import OUT_OF_SEQUENCE, TRANSACTION_STATES, State
+
+__all__ = ["SessionLimits", "SessionPolicy", "SmtpSession", "State"]
 
 _COMMAND_ERRORS = {
     fc.REASON_LINE_TOO_LONG: r.LINE_TOO_LONG,
@@ -35,24 +43,9 @@ _COMMAND_ERRORS = {
     fc.REASON_EIGHT_BIT: r.EIGHT_BIT_COMMAND,
     fc.REASON_BAD_UTF8: r.BAD_UTF8,
 }
-_BODY_ERRORS = {
-    fc.VIOLATION_BARE_CR: r.BODY_BARE_LINE_END,
-    fc.VIOLATION_BARE_LF: r.BODY_BARE_LINE_END,
-    fc.VIOLATION_LINE_TOO_LONG: r.BODY_LINE_TOO_LONG,
-}
-# Bytes a client may send past an unanswered DATA before we stop reading from it.
-HELD_INPUT_LIMIT = 65536
-
-
-@dataclass(frozen=True, slots=True)
-class SessionLimits:
-    hostname: str
-    max_line_length: int
-    max_body_line_length: int
-    max_errors: int
-    received_header: bool
-    enable_expn: bool
-    enable_etrn: bool
+# C0, DEL and C1: a HELO carrying them would reach terminals, the backend and the trace header.
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_ARGUMENT_SEPARATOR = re.compile("[ \t]+")
 
 
 class _Slot:
@@ -66,10 +59,15 @@ class _Slot:
 
 
 class SmtpSession:
+    __slots__ = ("_backend_failure", "_backend_mail_refusal", "_clock", "_ending", "_events", "_expected", "_input",
+                 "_skipping_line", "_slots", "_txn",
+                 "capabilities", "client_address", "esmtp", "grant", "helo", "limits", "policy", "progress",
+                 "session_id", "state", "stats")
+
     def __init__(
         self,
         limits: SessionLimits,
-        policy: Policy,
+        policy: SessionPolicy,
         capabilities: Capabilities,
         client_address: str,
         grant: int,
@@ -82,98 +80,108 @@ class SmtpSession:
         self.client_address = client_address
         self.grant = grant
         self.session_id = session_id
-        self._clock = clock
+        self._clock = clock or time.time
+        self.state = State.GREETING
         self.helo: str | None = None
         self.esmtp = False
         self.stats = ev.SessionStats()
-        self.closed = False  # no more input is processed; close once output is written
-        self._greeted = False
+        self.progress = 0  # complete command lines and body chunks taken: the client is alive
         self._input = bytearray()
-        self._discarding = False  # inside an over-long command line, until its LF
-        self._held = False  # DATA awaits the backend: do not interpret input yet
+        self._skipping_line = False  # inside an over-long command line, until its LF
         self._slots: deque[_Slot] = deque()
-        self._events: list[object] = []
-        self._expected: deque[tuple[str, _Slot | None]] = deque()
-        self._scanner: DataScanner | None = None
+        self._events: list[ev.Event] = []
+        self._expected: deque[tuple[Command, _Slot | None]] = deque()
         self._ending: deque[tuple[int, int]] = deque()  # (recipients, size) awaiting END replies
+        self._txn = Transaction()
         # The backend's refusal of the MAIL now being answered, which its RCPTs inherit.
         self._backend_mail_refusal: bytes | None = None
-        self._reset_transaction()
+        self._backend_failure = r.BACKEND_UNAVAILABLE  # what a broken transaction answers
 
     # -- the I/O layer's interface ---------------------------------------------------------
 
     def greeting(self) -> bytes:
-        self._greeted = True
+        if self.state is State.GREETING:
+            self.state = State.CONNECTED
         return f"220 {self.limits.hostname} ESMTP edgeproxy\r\n".encode()
 
     def receive_data(self, data: bytes) -> None:
-        if self.closed:
+        if self.state is State.CLOSED:
             return
-        if not self._greeted:
+        if self.state is State.GREETING:
             self._finish(r.EARLY_TALKER)
             return
         self._input += data
         self._process()
 
+    def resume(self) -> None:
+        """Interpret input held back by the pipeline bound, once the client took its replies."""
+        self._process()
+
     def backend_reply(self, code: int, raw: bytes) -> None:
         """One complete (possibly multi-line) reply from the backend, in command order."""
-        kind, slot = self._expected.popleft()
+        command, slot = self._expected.popleft()
         if code == 421:
             # The backend is closing, not us: the client's session goes on, so it must not read
             # a 421 (RFC 5321 §3.8) for one command; the connection loss follows and is handled.
             raw = r.BACKEND_UNAVAILABLE.encode()
-        if kind == ev.MAIL:
+        if command is Command.MAIL:
             self._backend_mail_refusal = raw if code >= 300 else None
-        elif kind == ev.RCPT:
+        elif command is Command.RCPT:
             assert slot is not None
             slot.data = raw if self._backend_mail_refusal is None else self._backend_mail_refusal
-        elif kind == ev.DATA:
+        elif command is Command.DATA:
             assert slot is not None
             slot.data = raw
-            self._held = False
-            if code == 354 and not self.closed:
-                self._start_body()
-            self._process()
-        elif kind == ev.END:
+            if self.state is State.DATA:
+                if code == 354:
+                    self._start_body()
+                else:
+                    self.state = State.RCPT
+                self._process()
+        elif command is Command.END:
             assert slot is not None
             slot.data = raw
             self._transaction_ended(200 <= code < 300, code, *self._ending.popleft())
         elif slot is not None:  # EXPN, ETRN: the backend's answer is the client's
             slot.data = raw
+        self._release_backend_if_done()
 
-    def backend_failed(self) -> None:
+    def backend_failed(self, reply: Reply = r.BACKEND_UNAVAILABLE) -> None:
         """The backend connection is gone or unusable: every reply still owed becomes 4xx."""
         while self._expected:
-            kind, slot = self._expected.popleft()
+            command, slot = self._expected.popleft()
             if slot is None:
                 continue
-            if kind == ev.END:
+            if command is Command.END:
                 slot.data = r.BACKEND_FAILED_DATA.encode()
                 self._transaction_ended(False, r.BACKEND_FAILED_DATA.code, *self._ending.popleft())
             else:
-                slot.data = r.BACKEND_UNAVAILABLE.encode()
-            if kind == ev.DATA:
-                self._held = False
-        if self._scanner is not None and self._body_failure is None:
-            self._body_failure = r.BACKEND_FAILED_DATA
-        if self._mail is not None:
-            self._backend_broken = True
-        self._mail_forwarded = False
+                slot.data = reply.encode()
+            if command is Command.DATA and self.state is State.DATA:
+                self.state = State.RCPT
+        txn = self._txn
+        if txn.scanner is not None and txn.body_failure is None:
+            txn.body_failure = r.BACKEND_FAILED_DATA
+        if txn.mail is not None:
+            txn.broken = True
+        txn.forwarded = False
+        self._backend_failure = reply
         self._process()
 
     def connection_lost(self) -> None:
         """The client is gone. A half-sent body must never become a message."""
-        if self._scanner is not None and self._body_failure is None:
+        if self._txn.scanner is not None and self._txn.body_failure is None:
             self._events.append(ev.BackendAbort("client vanished during DATA"))
-        self.closed = True
+        self.state = State.CLOSED
 
     def take_output(self) -> bytes:
         out = []
-        while self._slots and self._slots[0].data is not None:
-            slot = self._slots.popleft()
+        slots = self._slots
+        while slots and slots[0].data is not None:
+            slot = slots.popleft()
             out.append(slot.data)
             if slot.close:
-                self._slots.clear()
+                slots.clear()
                 break
         return b"".join(out)  # type: ignore[arg-type]
 
@@ -182,46 +190,65 @@ class SmtpSession:
         """True once every owed reply has been taken (so a closing session may close)."""
         return not self._slots
 
-    def take_events(self) -> list[object]:
+    def take_events(self) -> list[ev.Event]:
         events, self._events = self._events, []
         return events
 
     @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    @property
     def wants_input(self) -> bool:
-        """False when the I/O layer should stop reading: the client is ahead of us."""
-        return not (self._held and len(self._input) > HELD_INPUT_LIMIT)
+        """False when the I/O layer should stop reading: the client is ahead of us by more than
+        we hold for it, whatever the reason its replies are pending."""
+        return len(self._input) < self.limits.max_pending_input
+
+    @property
+    def can_resume(self) -> bool:
+        """Input is waiting only because of the pipeline bound, which taking output has lifted."""
+        return bool(self._input) and self._interpreting and len(self._slots) < self.limits.max_pipeline
 
     @property
     def in_data(self) -> bool:
-        return self._scanner is not None
+        return self.state is State.BODY
 
     @property
     def in_transaction(self) -> bool:
-        return self._mail is not None or self._scanner is not None
+        return self.state in TRANSACTION_STATES
 
     # -- input ---------------------------------------------------------------------------------
 
+    @property
+    def _interpreting(self) -> bool:
+        return self.state is not State.DATA and self.state is not State.CLOSED
+
     def _process(self) -> None:
-        while self._input and not self._held and not self.closed:
-            if self._scanner is not None:
-                self._body(bytes(self._input))
+        buffer = self._input
+        limit = self.limits.max_pipeline
+        while buffer and self._interpreting:
+            if self.state is State.BODY:
+                self._body(bytes(buffer))
                 continue
-            newline = self._input.find(b"\n")
-            if self._discarding:
+            if len(self._slots) >= limit:
+                return  # the client has not read what it is owed; interpret more once it has
+            newline = buffer.find(b"\n")
+            if self._skipping_line:
                 if newline < 0:
-                    self._input.clear()
+                    buffer.clear()
                     return
-                del self._input[: newline + 1]
-                self._discarding = False
+                del buffer[: newline + 1]
+                self._skipping_line = False
                 continue
             if newline < 0:
-                if len(self._input) > self.limits.max_line_length:
-                    self._input.clear()
-                    self._discarding = True
+                if len(buffer) > self.limits.max_line_length:
+                    buffer.clear()
+                    self._skipping_line = True
                     self._error(r.LINE_TOO_LONG)
                 return
-            line = bytes(self._input[: newline + 1])
-            del self._input[: newline + 1]
+            line = bytes(buffer[: newline + 1])
+            del buffer[: newline + 1]
+            self.progress += 1
             self._command(line)
 
     def _command(self, line: bytes) -> None:
@@ -234,46 +261,56 @@ class SmtpSession:
         if handler is None:
             self._error(r.UNRECOGNIZED)
             return
+        refused = OUT_OF_SEQUENCE.get(verb)
+        if refused is not None and self.state in refused:
+            self._error(refused[self.state])
+            return
         handler(self, arg)
 
     # -- replies -------------------------------------------------------------------------------
 
-    def _reply(self, data: bytes | r.Reply | None = None, close: bool = False) -> _Slot:
-        if isinstance(data, r.Reply):
+    def _reply(self, data: bytes | Reply | None = None, close: bool = False) -> _Slot:
+        if isinstance(data, Reply):
             data = data.encode()
         slot = _Slot(data, close)
         self._slots.append(slot)
         return slot
 
-    def _error(self, reply: r.Reply) -> None:
+    def _error(self, reply: Reply) -> None:
         self._reply(reply)
         self.stats.errors += 1
         if self.stats.errors >= self.limits.max_errors:
             self._finish(r.TOO_MANY_ERRORS)
 
-    def _refuse(self, stage: str, refusal: Refusal, recipient: str | None = None, error: bool = True) -> None:
-        sender = self._mail.address if self._mail is not None else None
-        self._events.append(ev.Refused(stage, refusal.rule, refusal.reply, sender, recipient))
+    def _refuse(self, stage: str, rule: str, reply: Reply, recipient: str | None = None, error: bool = True,
+                sender: ParsedPath | None = None) -> None:
+        sender = sender or self._txn.mail
+        self._events.append(ev.Refused(stage, rule, reply, sender.address if sender else None, recipient))
         self.stats.refusals += 1
-        self.stats.rules[refusal.rule] = self.stats.rules.get(refusal.rule, 0) + 1
+        self.stats.rules[rule] = self.stats.rules.get(rule, 0) + 1
         if error:
-            self._error(refusal.reply)
+            self._error(reply)
         else:
-            self._reply(refusal.reply)
+            self._reply(reply)
 
-    def _finish(self, reply: r.Reply) -> None:
+    def _finish(self, reply: Reply) -> None:
         self._reply(reply, close=True)
-        self.closed = True
+        self.state = State.CLOSED
 
     # -- commands ------------------------------------------------------------------------------
 
     def _helo(self, arg: str, esmtp: bool) -> None:
-        if not arg.strip():
+        words = _ARGUMENT_SEPARATOR.split(arg.strip(" \t"), 1)
+        if not words[0]:
             self._error(r.HELO_NEEDS_DOMAIN)
             return
+        if _CONTROL_CHARACTERS.search(words[0]):
+            self._error(r.HELO_BAD_CHARACTERS)
+            return
         self._abandon_transaction()
-        self.helo = arg.split()[0]
+        self.helo = words[0]
         self.esmtp = esmtp
+        self.state = State.READY
         if not esmtp:
             self._reply(f"250 {self.limits.hostname}\r\n".encode())
             return
@@ -286,12 +323,6 @@ class SmtpSession:
         self._helo(arg, False)
 
     def _mail_command(self, arg: str) -> None:
-        if self.helo is None:
-            self._error(r.NEED_HELO)
-            return
-        if self._mail is not None:
-            self._error(r.NESTED_MAIL)
-            return
         try:
             path = parse_mail_from(arg)
         except ParseError as error:
@@ -306,67 +337,71 @@ class SmtpSession:
             return
         refusal = self.policy.check_sender(path, self.capabilities.max_message_size)
         if refusal is not None:
-            self._mail = path  # so the log line names the refused sender
-            self._refuse("mail", refusal)
-            self._mail = None
+            self._refuse("mail", refusal.rule, refusal.reply, sender=path)
             return
-        self._mail = path
+        self._txn = Transaction(path)
+        self.state = State.MAIL
         self._reply(r.SENDER_OK)
 
     def _rcpt_command(self, arg: str) -> None:
-        if self._mail is None:
-            self._error(r.NEED_MAIL)
+        txn = self._txn
+        assert txn.mail is not None
+        if txn.broken:
+            self._reply(self._backend_failure)
             return
-        if self._backend_broken:
-            self._reply(r.BACKEND_UNAVAILABLE)
-            return
-        if self._recipients >= self.policy.max_recipients:
-            # Not an error: RFC 5321 §4.5.3.1.10 has the client send the rest in a later
-            # transaction, and counting these would cut every large mailing off with a 421.
-            self._refuse("rcpt", self.policy.too_many_recipients(), error=False)
+        if txn.recipients >= self.policy.max_recipients:
+            # RFC 5321 §4.5.3.1.10 has the client send the rest in a later transaction, so a 452
+            # is no error; only a client that keeps on far past the limit is counting toward
+            # MAX_ERRORS (Postfix's smtpd_recipient_overshoot_limit).
+            txn.excess_recipients += 1
+            refusal = self.policy.too_many_recipients()
+            overshoot = txn.excess_recipients > self.limits.recipient_overshoot
+            self._refuse("rcpt", refusal.rule, refusal.reply, error=overshoot)
             return
         try:
             verdict = self.policy.decide_rcpt(arg, self.grant)
         except ParseError as error:
             self._error(r.PARAMETER_BAD if error.reason == fc.REASON_BAD_PARAMETER else r.BAD_RECIPIENT_SYNTAX)
             return
-        if not verdict.address.isascii() and "SMTPUTF8" not in self._mail.params:
+        if not verdict.address.isascii() and not txn.smtputf8:
             self._error(r.SMTPUTF8_REQUIRED)
             return
         refusal = self.policy.refusal_for(verdict)
         if refusal is not None:
-            self._rejected_recipients += 1
-            self._refuse("rcpt", refusal, verdict.address)
+            txn.rejected += 1
+            self._refuse("rcpt", refusal.rule, refusal.reply, verdict.address)
             return
         problem = self.capabilities.check_rcpt_params(verdict.params)
         if problem is not None:
             self._error(problem)
             return
-        if not self._mail_forwarded:
-            self._send(ev.MAIL, _path_command("MAIL FROM:", self._mail))
-            self._mail_forwarded = True
-        self._recipients += 1
-        self._rcpt_addresses.append(verdict.address)
-        self._send(ev.RCPT, _command_line("RCPT TO:", verdict.address, verdict.params), self._reply())
+        if not txn.forwarded:
+            self._send(Command.MAIL, command_line("MAIL FROM:", txn.mail.address, txn.mail.params))
+            txn.forwarded = True
+        txn.recipients += 1
+        txn.recipient_addresses.append(verdict.address)
+        self.state = State.RCPT
+        self._send(Command.RCPT, command_line("RCPT TO:", verdict.address, verdict.params), self._reply())
 
     def _data_command(self, arg: str) -> None:
+        txn = self._txn
         if arg:
             self._error(r.SYNTAX_ERROR)
-        elif self._mail is None:
-            self._error(r.NEED_MAIL)
-        elif self._backend_broken:
-            self._reply(r.BACKEND_UNAVAILABLE)
-        elif not self._recipients:
-            self._error(r.NO_VALID_RECIPIENTS_AFTER_REJECTS if self._rejected_recipients else r.NO_VALID_RECIPIENTS)
+        elif txn.broken:
+            self._reply(self._backend_failure)
+        elif not txn.recipients:
+            self._error(r.NO_VALID_RECIPIENTS_AFTER_REJECTS if txn.rejected else r.NO_VALID_RECIPIENTS)
         else:
-            self._send(ev.DATA, b"DATA\r\n", self._reply())
-            self._held = True
+            self._send(Command.DATA, b"DATA\r\n", self._reply())
+            self.state = State.DATA
 
     def _rset_command(self, arg: str) -> None:
         if arg:
             self._error(r.SYNTAX_ERROR)
             return
         self._abandon_transaction()
+        if self.state is not State.CONNECTED:
+            self.state = State.READY
         self._reply(r.RESET_OK)
 
     def _noop_command(self, arg: str) -> None:
@@ -383,23 +418,23 @@ class SmtpSession:
         self._error(r.SYNTAX_ERROR) if not arg else self._reply(r.VRFY_CANNOT)
 
     def _expn_command(self, arg: str) -> None:
-        self._pass_through(ev.EXPN if self.limits.enable_expn else None, "EXPN", arg)
+        self._pass_through(Command.EXPN if self.limits.enable_expn else None, arg)
 
     def _etrn_command(self, arg: str) -> None:
-        self._pass_through(ev.ETRN if self.limits.enable_etrn else None, "ETRN", arg)
+        self._pass_through(Command.ETRN if self.limits.enable_etrn else None, arg)
 
     def _not_implemented(self, arg: str) -> None:
         self._error(r.NOT_IMPLEMENTED)
 
-    def _pass_through(self, kind: str | None, verb: str, arg: str) -> None:
-        if kind is None:
+    def _pass_through(self, command: Command | None, arg: str) -> None:
+        if command is None:
             self._error(r.NOT_IMPLEMENTED)
         elif not arg:
             self._error(r.SYNTAX_ERROR)
         elif self.in_transaction:
             self._error(r.BAD_SEQUENCE)
         else:
-            self._send(kind, f"{verb} {arg}\r\n".encode(), self._reply())
+            self._send(command, f"{command.value} {arg}\r\n".encode(), self._reply())
 
     _HANDLERS: ClassVar[dict[str, Callable[[SmtpSession, str], None]]] = {
         "EHLO": _ehlo_command,
@@ -425,82 +460,68 @@ class SmtpSession:
     # -- the body ------------------------------------------------------------------------------
 
     def _start_body(self) -> None:
-        self._scanner = DataScanner(self.limits.max_body_line_length, self.capabilities.max_message_size)
+        self.state = State.BODY
+        txn = self._txn
+        txn.scanner = DataScanner(self.limits.max_body_line_length, self.capabilities.max_message_size)
         if self.limits.received_header:
-            self._events.append(ev.BackendSend(ev.BODY, self._received_header()))
+            header = received_header(
+                helo=self.helo, client_address=self.client_address, hostname=self.limits.hostname,
+                esmtp=self.esmtp, transaction=txn, session_id=self.session_id, now=self._clock(),
+            )
+            self._events.append(ev.BackendSend(Command.BODY, header))
 
     def _body(self, data: bytes) -> None:
-        scanner = self._scanner
+        txn = self._txn
+        scanner = txn.scanner
         assert scanner is not None
         end = scanner.feed(data)
         chunk = data if end < 0 else data[:end]
         del self._input[: len(chunk)]
-        if scanner.violation and self._body_failure is None:
+        self.progress += 1
+        if scanner.violation and txn.body_failure is None:
             # Refuse the whole message: this chunk is withheld and the backend connection is
             # dropped without an end marker, so the backend discards what it got.
-            self._body_failure = self._violation_reply(scanner.violation)
-            self._events.append(ev.BackendAbort(f"body refused: {self._body_failure.text}"))
-            self._mail_forwarded = False
-        if self._body_failure is None:
-            self._events.append(ev.BackendSend(ev.END if end >= 0 else ev.BODY, chunk))
+            txn.body_failure = body_fault(scanner.violation, self.policy.message_too_big().reply)[1]
+            self._events.append(ev.BackendAbort(f"body refused: {txn.body_failure.text}"))
+            txn.forwarded = False
+        if txn.body_failure is None:
+            self._events.append(ev.BackendSend(Command.END if end >= 0 else Command.BODY, chunk))
         if end < 0:
             return
-        self._scanner = None
-        failure = self._body_failure
+        failure = txn.body_failure
         if failure is None:
             # The transaction is over for the client: its next MAIL may come, and be forwarded,
             # before the backend's final reply to this one.
-            self._expected.append((ev.END, self._reply()))
-            self._ending.append((self._recipients, scanner.size))
+            self._expected.append((Command.END, self._reply()))
+            self._ending.append((txn.recipients, scanner.size))
         elif failure is r.BACKEND_FAILED_DATA:
             self._reply(failure)
-            self._transaction_ended(False, failure.code, self._recipients, scanner.size)
+            self._transaction_ended(False, failure.code, txn.recipients, scanner.size)
         else:
             # Decided now, not at the abort: the scanner's final word is chunking-independent.
-            failure = self._violation_reply(scanner.violation)
-            self._refuse("data", Refusal(_violation_rule(scanner.violation), failure))
-            self._transaction_ended(False, failure.code, self._recipients, scanner.size)
-        self._reset_transaction()
-
-    def _violation_reply(self, violation: int) -> r.Reply:
-        if violation == fc.VIOLATION_TOO_BIG:
-            return self.policy.message_too_big().reply
-        return _BODY_ERRORS[violation]
-
-    def _received_header(self) -> bytes:
-        now = self._clock() if self._clock is not None else time.time()
-        date = _rfc5322_date(int(now))
-        protocol = "ESMTP" if self.esmtp else "SMTP"
-        if self._mail is not None and "SMTPUTF8" in self._mail.params:
-            protocol = "UTF8SMTP"
-        recipient = f"\r\n\tfor <{self._rcpt_addresses[0]}>" if len(self._rcpt_addresses) == 1 else ""
-        header = (
-            f"Received: from {self.helo} ([{self.client_address}])\r\n"
-            f"\tby {self.limits.hostname} (edgeproxy) with {protocol} id {self.session_id}{recipient};\r\n"
-            f"\t{date}\r\n"
-        )
-        return header.encode("utf-8")
+            rule, reply = body_fault(scanner.violation, self.policy.message_too_big().reply)
+            self._refuse("data", rule, reply)
+            self._transaction_ended(False, reply.code, txn.recipients, scanner.size)
+        if self.state is State.BODY:
+            self.state = State.READY
+        self._txn = Transaction()
+        self._release_backend_if_done()
 
     # -- transactions --------------------------------------------------------------------------
 
-    def _send(self, kind: str, data: bytes, slot: _Slot | None = None) -> None:
-        self._events.append(ev.BackendSend(kind, data))
-        self._expected.append((kind, slot))
-
-    def _reset_transaction(self) -> None:
-        self._mail: ParsedPath | None = None
-        self._mail_forwarded = False
-        self._backend_broken = False
-        self._recipients = 0
-        self._rejected_recipients = 0
-        self._rcpt_addresses: list[str] = []
-        self._body_failure: r.Reply | None = None
+    def _send(self, command: Command, data: bytes, slot: _Slot | None = None) -> None:
+        self._events.append(ev.BackendSend(command, data))
+        self._expected.append((command, slot))
 
     def _abandon_transaction(self) -> None:
         """RSET, HELO or EHLO: the backend forgets the transaction too."""
-        if self._mail_forwarded:
-            self._send(ev.RSET, b"RSET\r\n")
-        self._reset_transaction()
+        if self._txn.forwarded:
+            self._send(Command.RSET, b"RSET\r\n")
+        self._txn = Transaction()
+
+    def _release_backend_if_done(self) -> None:
+        if not self._expected and not self._txn.forwarded and self.state is not State.CLOSED:
+            self._events.append(ev.BackendRelease())
 
     def _transaction_ended(self, delivered: bool, code: int, recipients: int, size: int) -> None:
         if delivered:
@@ -511,30 +532,3 @@ class SmtpSession:
 @functools.lru_cache(maxsize=16)
 def _ehlo_reply(hostname: str, capabilities: Capabilities) -> bytes:
     return r.multiline(250, [hostname, *capabilities.ehlo_keywords()])
-
-
-@functools.lru_cache(maxsize=4)
-def _rfc5322_date(second: int) -> str:
-    """The Received: date; a second's worth of messages share one formatting."""
-    return email.utils.format_datetime(datetime.fromtimestamp(second, UTC))
-
-
-def _violation_rule(violation: int) -> str:
-    return {
-        fc.VIOLATION_BARE_CR: "body_bare_cr",
-        fc.VIOLATION_BARE_LF: "body_bare_lf",
-        fc.VIOLATION_LINE_TOO_LONG: "body_line_too_long",
-        fc.VIOLATION_TOO_BIG: "message_too_big",
-    }[violation]
-
-
-def _path_command(prefix: str, path: ParsedPath) -> bytes:
-    return _command_line(prefix, path.address, path.params)
-
-
-def _command_line(prefix: str, address: str, params: dict[str, str | None]) -> bytes:
-    """Rebuild the command from what we parsed, never the client's bytes: the backend then
-    sees exactly what our policy decided on, so no parser difference can be exploited."""
-    parts = [f"{prefix}<{address}>"]
-    parts.extend(key if value is None else f"{key}={value}" for key, value in params.items())
-    return (" ".join(parts) + "\r\n").encode("utf-8")

@@ -1,0 +1,259 @@
+"""The client side of SMTP towards the backend, sans-IO: replies in, command bytes out.
+
+:class:`BackendClient` does the connection's own work (greeting, EHLO with a HELO fallback,
+XCLIENT announcements, RSET) and writes the owner's commands pipelined in RFC 2920 groups when
+the backend offers PIPELINING, one at a time when it does not. The I/O layer feeds it the
+backend's bytes (:meth:`receive_data`), writes :meth:`data_to_send`, hands
+:meth:`take_replies` to the session that owns the connection, arms a timer for
+:attr:`awaiting`, and drops the connection once :attr:`failure` is set.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+
+from edgeproxy.smtp.events import Command
+from edgeproxy.smtp.replyparser import ReplyError, ReplyParser, reply_lines
+
+XCLIENT_LINE_LIMIT = 512
+
+
+class Own(enum.Enum):
+    """The connection's own commands; their replies never reach a client."""
+
+    GREETING = "greeting"
+    EHLO = "EHLO"
+    HELO = "HELO"
+    XCLIENT = "XCLIENT"
+    RSET = "RSET"
+
+
+# RFC 2920 §3.1: a command that changes the session must end a pipeline group.
+_SYNC_POINTS = frozenset((Own.GREETING, Own.EHLO, Own.HELO, Own.XCLIENT, Command.DATA))
+_TRANSACTION_COMMANDS = frozenset((Command.MAIL, Command.RCPT, Command.DATA))
+
+
+@dataclass(frozen=True, slots=True)
+class ClientIdentity:
+    """Who the backend should believe it talks to (XCLIENT)."""
+
+    addr: str
+    helo: str | None
+    proto: str
+
+
+class BackendClient:
+    __slots__ = ("_answered", "_awaiting", "_handshake", "_parser", "_queue", "_replies", "_transaction",
+                 "announced", "failure", "failure_code", "hostname", "in_transaction", "keywords", "pipelining",
+                 "ready", "use_xclient", "xclient_attributes", "xclient_refused")
+
+    def __init__(self, hostname: str, use_xclient: bool = True) -> None:
+        self.hostname = hostname
+        self.use_xclient = use_xclient
+        self.ready = False  # greeted and EHLO (or HELO) done: the owner's commands may go
+        self.failure: str | None = None  # set once the connection is unusable
+        self.failure_code: int | None = None  # the backend's reply code that made it so, if any
+        self.keywords: list[str] | None = None  # the backend's EHLO keywords, greeting line excluded
+        self.pipelining = False
+        self.xclient_attributes: frozenset[str] = frozenset()
+        self.xclient_refused = False  # it lists XCLIENT but refused ours: do not try again here
+        self.announced: ClientIdentity | None = None
+        self._parser = ReplyParser()
+        self._queue: deque[tuple[Command | Own, bytes, ClientIdentity | None]] = deque()
+        self._awaiting: deque[Command | Own] = deque([Own.GREETING])
+        self._handshake: list[bytes] = []  # EHLO or HELO, written before anything queued
+        self._replies: list[tuple[Command, int, bytes]] = []
+        self.in_transaction = False  # the backend holds a MAIL of the owner's not yet ended or reset
+        self._transaction: list[tuple[Command, bytes, ClientIdentity | None]] = []  # since MAIL
+        self._answered = False  # the backend answered one of the current transaction's commands
+
+    # -- input -----------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        if self.failure is not None:
+            return
+        try:
+            replies = self._parser.feed(data)
+        except ReplyError as error:
+            self._fail(str(error))
+            return
+        for code, raw in replies:
+            if not self._awaiting:
+                self._fail("reply to no command")
+                return
+            self._on_reply(self._awaiting.popleft(), code, raw)
+            if self.failure is not None:
+                return
+
+    def send(self, command: Command, data: bytes, identity: ClientIdentity | None = None) -> None:
+        """Queue one of the owner's commands; ``identity`` comes with MAIL, for XCLIENT."""
+        if command is Command.MAIL:
+            self._transaction = []
+            self._answered = False
+            self.in_transaction = True
+        elif command is Command.END or command is Command.RSET:
+            self.in_transaction = False
+        if command in _TRANSACTION_COMMANDS:
+            self._transaction.append((command, data, identity))
+        self._queue.append((command, data, identity))
+
+    def reset(self) -> None:
+        """The owner left between transactions: make sure the backend holds none of its own."""
+        if self.in_transaction:
+            self._queue.append((Own.RSET, b"RSET\r\n", None))
+            self.in_transaction = False
+        self._transaction = []
+
+    # -- output ----------------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        """What may be written now, in as few writes as the backend's pipelining allows."""
+        if self.failure is not None:
+            return b""
+        chunks, self._handshake = self._handshake, []
+        if not self.ready:
+            return b"".join(chunks)
+        queue, awaiting = self._queue, self._awaiting
+        while queue:
+            if awaiting and (not self.pipelining or any(kind in _SYNC_POINTS for kind in awaiting)):
+                break
+            kind, data, identity = queue[0]
+            if kind is Command.MAIL and identity is not None and self._must_announce(identity):
+                # Announced here, not when MAIL was queued: only now are the keywords known,
+                # so even the first transaction on a new connection carries the client's name.
+                self._queue_announcement(identity)
+                continue
+            queue.popleft()
+            chunks.append(data)
+            if kind is not Command.BODY:
+                awaiting.append(kind)
+        return b"".join(chunks)
+
+    def take_replies(self) -> list[tuple[Command, int, bytes]]:
+        """Replies to the owner's commands, in order: (command, code, raw reply)."""
+        replies, self._replies = self._replies, []
+        return replies
+
+    @property
+    def awaiting(self) -> Command | Own | None:
+        """The command whose reply is due next (the I/O layer times it), or None."""
+        return self._awaiting[0] if self._awaiting else None
+
+    @property
+    def owes_owner(self) -> bool:
+        """Some owner command has not been answered (queued or sent)."""
+        return any(isinstance(kind, Command) for kind in self._awaiting) or any(
+            isinstance(kind, Command) for kind, _, _ in self._queue)
+
+    @property
+    def mid_transaction(self) -> bool:
+        """MAIL, RCPT or DATA is unanswered: the backend may hold a transaction of the owner."""
+        return any(kind in _TRANSACTION_COMMANDS for kind in self._awaiting) or bool(self._queue)
+
+    @property
+    def idle(self) -> bool:
+        return self.ready and self.failure is None and not self._awaiting and not self._queue
+
+    def replayable(self) -> list[tuple[Command, bytes, ClientIdentity | None]] | None:
+        """The current transaction's commands if the backend answered none of them, else None:
+        they may be sent again on another connection without anything being done twice."""
+        if self._answered or not self._transaction or not self.in_transaction:
+            return None
+        owed = sum(isinstance(kind, Command) for kind in self._awaiting)
+        owed += sum(isinstance(kind, Command) for kind, _, _ in self._queue)
+        if owed != len(self._transaction):
+            return None  # something outside the transaction is owed too: its reply would be lost
+        return list(self._transaction)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _on_reply(self, kind: Command | Own, code: int, raw: bytes) -> None:
+        if isinstance(kind, Command):
+            if kind in _TRANSACTION_COMMANDS:
+                self._answered = True
+            self._replies.append((kind, code, raw))
+            if code == 421:
+                self._fail("the backend is closing: " + reply_lines(raw)[0][:80], code)
+            return
+        if kind is Own.GREETING:
+            if code != 220:
+                self._fail(f"greeting {code}: " + reply_lines(raw)[0][:80], code)
+                return
+            self._write_now(Own.EHLO, f"EHLO {self.hostname}\r\n".encode())
+        elif kind is Own.EHLO and code != 250 and not self.ready:
+            self._write_now(Own.HELO, f"HELO {self.hostname}\r\n".encode())
+        elif kind in (Own.EHLO, Own.HELO):
+            if code != 250:
+                self._fail(f"{kind.value} refused with {code}", code)
+                return
+            if kind is Own.EHLO:
+                self._learn(reply_lines(raw)[1:])
+            self.ready = True
+        elif kind is Own.XCLIENT:
+            # Postfix answers with a new greeting (220), other servers with 250: both took it.
+            if not 200 <= code < 300:
+                self.xclient_refused = True
+        elif kind is Own.RSET and code != 250:
+            self._fail(f"RSET refused with {code}", code)
+
+    def _write_now(self, kind: Own, data: bytes) -> None:
+        """A handshake step, ahead of anything queued."""
+        self._awaiting.append(kind)
+        self._handshake.append(data)
+
+    def _learn(self, keyword_lines: list[str]) -> None:
+        keywords = {line.split(" ", 1)[0].upper(): line for line in keyword_lines}
+        self.keywords = keyword_lines
+        self.pipelining = "PIPELINING" in keywords
+        xclient = keywords.get("XCLIENT")
+        self.xclient_attributes = frozenset(xclient.upper().split()[1:]) if xclient else frozenset()
+
+    def _must_announce(self, identity: ClientIdentity) -> bool:
+        return (self.use_xclient and bool(self.xclient_attributes) and not self.xclient_refused
+                and identity != self.announced)
+
+    def _queue_announcement(self, identity: ClientIdentity) -> None:
+        # XCLIENT restarts the backend's session: it greets again and wants a new EHLO, whose
+        # name would replace the announced HELO, so it must be the client's own.
+        steps: list[tuple[Command | Own, bytes, ClientIdentity | None]] = [
+            (Own.XCLIENT, line, None) for line in xclient_commands(identity, self.xclient_attributes)]
+        steps.append((Own.EHLO, f"EHLO {identity.helo or self.hostname}\r\n".encode(), None))
+        self._queue.extendleft(reversed(steps))
+        self.announced = identity
+
+    def _fail(self, reason: str, code: int | None = None) -> None:
+        if self.failure is None:
+            self.failure = reason
+            self.failure_code = code
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 §4 xtext: '+', '=' and anything outside printable ASCII as +HH."""
+    out = []
+    for byte in value.encode("utf-8"):
+        out.append(chr(byte) if 33 <= byte <= 126 and byte not in (43, 61) else f"+{byte:02X}")
+    return "".join(out)
+
+
+def xclient_commands(identity: ClientIdentity, offered: frozenset[str]) -> list[bytes]:
+    """XCLIENT lines announcing ``identity``, each within the command length limit."""
+    addr = identity.addr
+    if ":" in addr:
+        addr = addr[7:] if addr.lower().startswith("::ffff:") and "." in addr else "IPV6:" + addr
+    # NAME: we do no reverse lookup; Postfix's word for "we do not know" keeps its checks sane.
+    values = {"ADDR": addr, "NAME": "[UNAVAILABLE]", "PROTO": identity.proto}
+    if identity.helo:
+        values["HELO"] = identity.helo
+    attributes = [f"{key}={xtext(value)}" for key, value in values.items() if key in offered]
+    lines: list[bytes] = []
+    current = "XCLIENT"
+    for attribute in attributes:
+        if len(current) + 1 + len(attribute) + 2 > XCLIENT_LINE_LIMIT and current != "XCLIENT":
+            lines.append((current + "\r\n").encode())
+            current = "XCLIENT"
+        current += " " + attribute[: XCLIENT_LINE_LIMIT - 12]
+    if current != "XCLIENT":
+        lines.append((current + "\r\n").encode())
+    return lines

@@ -1,0 +1,47 @@
+"""What the SMTP core needs from outside it: its limits, and the relay policy's decisions.
+
+The core depends on these shapes, never on :mod:`edgeproxy.config` or :mod:`edgeproxy.policy`, so it
+can be built, tested and fuzzed with nothing but values (h11's core imports nothing above it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from edgeproxy.fastpath import ParsedPath, RcptVerdict
+from edgeproxy.reply import Reply
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    hostname: str
+    max_line_length: int
+    max_body_line_length: int
+    max_errors: int
+    received_header: bool
+    enable_expn: bool
+    enable_etrn: bool
+    max_pending_input: int = 65536  # octets of client input held unanswered before reading stops
+    max_pipeline: int = 256  # replies owed before no further command is interpreted
+    recipient_overshoot: int = 1000  # 452s per transaction before each further RCPT is an error
+
+
+class PolicyRefusal(Protocol):
+    @property
+    def rule(self) -> str: ...
+    @property
+    def reply(self) -> Reply: ...
+
+
+class SessionPolicy(Protocol):
+    """What the core asks of the relay policy (design.md §2); :class:`edgeproxy.policy.Policy`
+    is one. Decisions are values: a refusal, or None to go on."""
+
+    @property
+    def max_recipients(self) -> int: ...
+    def check_sender(self, path: ParsedPath, size_limit: int | None = None) -> PolicyRefusal | None: ...
+    def decide_rcpt(self, arg: str, grant: int) -> RcptVerdict: ...
+    def refusal_for(self, verdict: RcptVerdict) -> PolicyRefusal | None: ...
+    def too_many_recipients(self) -> PolicyRefusal: ...
+    def message_too_big(self) -> PolicyRefusal: ...
