@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeproxy.errors import ConfigError
-from edgeproxy.fastpath import CidrSet, DomainSet, ParseError, canonical_domain, parse_rcpt_to
+from edgeproxy.fastpath import CidrSet, DomainSet, ParseError, canonical_domain, parse_no_extensions, parse_rcpt_to
 from edgeproxy.fastpath_common import REASON_SYNTAX, local_key
 from edgeproxy.refusals import POLICY_DEFAULTS, POLICY_INHERITS, POLICY_RULES
 from edgeproxy.reply import Reply
@@ -338,7 +338,7 @@ _SETTINGS_VARIABLES: tuple[Variable, ...] = (
              "Least severe log level written", "debug"),
     Variable("LOG_FORMAT", _choice_parser("auto", "json", "console"), "auto",
              "json, console, or auto (console on a terminal, else JSON)", "json"),
-    Variable("NO_EXTENSIONS", parse_bool, "no",
+    Variable("NO_EXTENSIONS", parse_no_extensions, "no",
              "Run the pure-Python fast path instead of the compiled one", "1"),
 )
 _REPLY_VARIABLES = tuple(

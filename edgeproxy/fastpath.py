@@ -11,9 +11,30 @@ import os
 
 from edgeproxy.fastpath_common import ParsedPath, ParseError, RcptVerdict
 
-_FALSE = ("", "0", "false", "no")
+_ON = ("1", "true", "yes")
+_OFF = ("", "0", "false", "no")
 
-if os.environ.get("EDGEPROXY_NO_EXTENSIONS", "").strip().lower() not in _FALSE:
+
+def parse_no_extensions(text: str | None) -> bool:
+    """The one reading of ``EDGEPROXY_NO_EXTENSIONS``, shared by this module, the configuration
+    and the tests: 1/true/yes forces the twin; unset, empty and 0/false/no do not; anything else
+    raises ValueError (the configuration reports it; this module's import treats it as unset)."""
+    value = (text or "").strip().lower()
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    raise ValueError("expected one of 1/true/yes/0/false/no, or empty")
+
+
+def _twin_forced() -> bool:
+    try:
+        return parse_no_extensions(os.environ.get("EDGEPROXY_NO_EXTENSIONS"))
+    except ValueError:
+        return False
+
+
+if _twin_forced():
     from edgeproxy import _fastpath_py as _impl
 
     IMPLEMENTATION = "py"
@@ -48,5 +69,6 @@ __all__ = [
     "canonical_domain",
     "parse_command",
     "parse_mail_from",
+    "parse_no_extensions",
     "parse_rcpt_to",
 ]

@@ -1,28 +1,48 @@
-"""structlog set-up: JSON lines in production, readable console output on a terminal."""
+"""structlog set-up: JSON lines in production, readable console output on a terminal.
+
+Client-supplied text (a HELO, an address, a reason) can reach a log line; in no format may it
+carry control characters to the reader: JSON escapes them itself, and a processor escapes them
+for the console, where an ESC sequence would repaint the operator's terminal or set its title.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any, TextIO
 
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+# C0, DEL and C1 controls, shown as \xNN; everything printable is left as it is.
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
 
 
-def configure(level: str = "info", fmt: str = "auto") -> None:
-    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
-    renderer = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+def _escape_control_characters(_logger: object, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key, value in event.items():
+        # The traceback is ours, its line breaks wanted; client bytes appear in it only as reprs.
+        if type(value) is str and not value.isprintable() and key != "exception":
+            event[key] = value.translate(_CONTROLS)
+    return event
+
+
+def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    stream = stream if stream is not None else sys.stderr
+    use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    processors: list[Any] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+    ]
+    if use_console:
+        processors += [_escape_control_characters, structlog.dev.ConsoleRenderer()]
+    else:
+        processors.append(structlog.processors.JSONRenderer())
     structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         # One write per line: workers share stderr, and a line written in two parts can be cut
         # in half by another worker's line.
-        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )

@@ -104,33 +104,36 @@ class ServerState:
 
 
 class _RefusalLog:
-    """RFC 2505 §2.4 refusal lines, with a run of identical refusals folded into one line with a
-    count, so that a client repeating itself cannot turn the log into its amplifier."""
+    """RFC 2505 §2.4 refusal lines. The first of a run of identical refusals is logged at once;
+    the rest of the run becomes one ``refused_repeated`` line with their count, so a client
+    repeating itself (a recipient flood, a relay probe loop) cannot make the log its amplifier."""
 
-    __slots__ = ("_count", "_key", "_last")
+    __slots__ = ("_key", "_last", "_repeated")
 
     def __init__(self) -> None:
         self._key: tuple[object, ...] | None = None
         self._last: ev.Refused | None = None
-        self._count = 0
+        self._repeated = 0
 
     def add(self, event: ev.Refused, logger: structlog.typing.FilteringBoundLogger, helo: str | None) -> None:
         key = (event.stage, event.rule, event.sender, _domain(event.recipient), event.reply)
         if key == self._key:
-            self._count += 1
+            self._repeated += 1
             return
         self.flush(logger, helo)
-        self._key, self._last, self._count = key, event, 1
-
-    def flush(self, logger: structlog.typing.FilteringBoundLogger, helo: str | None) -> None:
-        event = self._last
-        if event is None:
-            return
-        self._key = self._last = None
-        extra = {"count": self._count} if self._count > 1 else {}
+        self._key, self._last = key, event
         # RFC 2505 §2.4: time, rule, client address and name, HELO, sender, recipient domain.
         logger.info("refused", stage=event.stage, rule=event.rule, helo=helo, sender=event.sender,
-                    recipient_domain=_domain(event.recipient), reply=str(event.reply), **extra)
+                    recipient_domain=_domain(event.recipient), reply=str(event.reply))
+
+    def flush(self, logger: structlog.typing.FilteringBoundLogger, helo: str | None) -> None:
+        """End the current run: its repeats, if any, as one line."""
+        event = self._last
+        if event is not None and self._repeated:
+            logger.info("refused_repeated", stage=event.stage, rule=event.rule, helo=helo, sender=event.sender,
+                        recipient_domain=_domain(event.recipient), reply=str(event.reply), count=self._repeated)
+        self._key = self._last = None
+        self._repeated = 0
 
 
 def _domain(recipient: str | None) -> str | None:

@@ -77,6 +77,9 @@ def make_session(
         received_header,
         enable_expn,
         enable_etrn,
+        max_pending_input=config.max_pending_input,
+        max_pipeline=config.max_pipeline,
+        recipient_overshoot=config.recipient_overshoot_limit,
     )
     keywords = None if backend_ehlo is None else list(backend_ehlo)
     capabilities = Capabilities.negotiate(config.max_message_size, keywords)
@@ -185,6 +188,9 @@ class Driver:
                     self._new_connection()
             if self.auto and self.pending:
                 self._answer_one()
+                continue
+            if self.session.can_resume:  # as the I/O layer does once the client took its replies
+                self.session.resume()
                 continue
             if not events:
                 break

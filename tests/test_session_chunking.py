@@ -110,6 +110,8 @@ DIALOGUES: dict[str, Dialogue] = {
         )
         + b"DATA\r\nQUIT\r\n"
     ),
+    "pipeline-bound": Dialogue(SMTP + MAIL + RCPT + b"NOOP\r\n" * 40 + b"DATA\r\nbody" + END + b"QUIT\r\n",
+                               env={"max_pipeline": "4"}),
     "sequence-errors": Dialogue(SMTP + RCPT + b"DATA\r\n" + MAIL + MAIL + b"RSET x\r\nVRFY\r\nHELP\r\nQUIT\r\n"),
     "rset-and-ehlo-mid-transaction": Dialogue(
         SMTP + MAIL + RCPT + b"RSET\r\n" + MAIL + RCPT + SMTP + txn(b"after") + b"QUIT\r\n"
@@ -151,6 +153,17 @@ def test_two_chunks_at_every_point_are_one_chunk(name: str) -> None:
 def test_random_chunkings_are_one_chunk(name: str, points: list[int]) -> None:
     dialogue = DIALOGUES[name]
     assert run(dialogue, cut(dialogue.data, points)) == run(dialogue, [dialogue.data])
+
+
+@pytest.mark.parametrize("name", [name for name in DIALOGUES if name.startswith("smuggling-")])
+def test_smuggled_commands_never_reach_the_backend(name: str) -> None:
+    dialogue = DIALOGUES[name]
+    for chunks in ([dialogue.data], [dialogue.data[i : i + 1] for i in range(len(dialogue.data))]):
+        session = make_session(smtp_settings(**dialogue.env), received_header=dialogue.received_header)
+        driver = Driver(session, script=dialogue.script)
+        driver.feed_chunks(chunks)
+        assert not any(b"evil@far.test" in command for command in driver.commands())
+        assert driver.aborts, "the smuggling body was refused, so its backend connection is dropped"
 
 
 # -- generated bodies ----------------------------------------------------------------------------

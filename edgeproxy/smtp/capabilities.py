@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from edgeproxy.smtp import replies as r
@@ -48,6 +49,9 @@ class Capabilities:
         keywords.append("ENHANCEDSTATUSCODES")
         return keywords
 
+    def ehlo_reply(self, hostname: str) -> bytes:
+        return _ehlo_reply(hostname, self)
+
     def check_mail_params(self, params: dict[str, str | None], esmtp: bool) -> r.Reply | None:
         """Refuse any MAIL parameter we did not offer (RFC 5321 §4.1.1.11: 555)."""
         if params and not esmtp:
@@ -80,3 +84,9 @@ class Capabilities:
             else:
                 return r.PARAMETER_UNRECOGNIZED
         return None
+
+
+@functools.lru_cache(maxsize=16)
+def _ehlo_reply(hostname: str, capabilities: Capabilities) -> bytes:
+    """The EHLO reply; every session of one configuration sends the same bytes."""
+    return r.multiline(250, [hostname, *capabilities.ehlo_keywords()])

@@ -30,8 +30,9 @@ class Own(enum.Enum):
     RSET = "RSET"
 
 
-# RFC 2920 §3.1: a command that changes the session must end a pipeline group.
-_SYNC_POINTS = frozenset((Own.GREETING, Own.EHLO, Own.HELO, Own.XCLIENT, Command.DATA))
+# RFC 2920 §3.1: a command that changes the session, or whose reply the rest depends on, must end
+# a pipeline group (EXPN by name; ETRN as an extension command that does not say otherwise).
+_SYNC_POINTS = frozenset((Own.GREETING, Own.EHLO, Own.HELO, Own.XCLIENT, Command.DATA, Command.EXPN, Command.ETRN))
 _TRANSACTION_COMMANDS = frozenset((Command.MAIL, Command.RCPT, Command.DATA))
 
 
@@ -45,9 +46,28 @@ class ClientIdentity:
 
 
 class BackendClient:
-    __slots__ = ("_answered", "_awaiting", "_handshake", "_parser", "_queue", "_replies", "_transaction",
-                 "announced", "failure", "failure_code", "hostname", "in_transaction", "keywords", "pipelining",
-                 "ready", "use_xclient", "xclient_attributes", "xclient_refused")
+    __slots__ = (
+        "_announcement_taken",
+        "_answered",
+        "_awaiting",
+        "_handshake",
+        "_parser",
+        "_previously_announced",
+        "_queue",
+        "_replies",
+        "_transaction",
+        "announced",
+        "failure",
+        "failure_code",
+        "hostname",
+        "in_transaction",
+        "keywords",
+        "pipelining",
+        "ready",
+        "use_xclient",
+        "xclient_attributes",
+        "xclient_refused",
+    )
 
     def __init__(self, hostname: str, use_xclient: bool = True) -> None:
         self.hostname = hostname
@@ -60,6 +80,8 @@ class BackendClient:
         self.xclient_attributes: frozenset[str] = frozenset()
         self.xclient_refused = False  # it lists XCLIENT but refused ours: do not try again here
         self.announced: ClientIdentity | None = None
+        self._previously_announced: ClientIdentity | None = None  # before the announcement in progress
+        self._announcement_taken = False  # a line of the announcement in progress was accepted
         self._parser = ReplyParser()
         self._queue: deque[tuple[Command | Own, bytes, ClientIdentity | None]] = deque()
         self._awaiting: deque[Command | Own] = deque([Own.GREETING])
@@ -80,7 +102,9 @@ class BackendClient:
             self._fail(str(error))
             return
         for code, raw in replies:
-            if not self._awaiting:
+            if not self._awaiting or self._handshake:
+                # A reply to a command not written yet is no reply to it: the backend talks
+                # out of turn, and taking it would shift every later reply by one.
                 self._fail("reply to no command")
                 return
             self._on_reply(self._awaiting.popleft(), code, raw)
@@ -182,19 +206,25 @@ class BackendClient:
                 self._fail(f"greeting {code}: " + reply_lines(raw)[0][:80], code)
                 return
             self._write_now(Own.EHLO, f"EHLO {self.hostname}\r\n".encode())
-        elif kind is Own.EHLO and code != 250 and not self.ready:
+        elif kind is Own.EHLO and 500 <= code < 600 and not self.ready:
+            # RFC 5321 §3.2: a server that does not know EHLO says 5xx; a 4xx (421) is no such
+            # answer, and HELO to a server that is closing would only wait for nothing.
             self._write_now(Own.HELO, f"HELO {self.hostname}\r\n".encode())
         elif kind in (Own.EHLO, Own.HELO):
             if code != 250:
                 self._fail(f"{kind.value} refused with {code}", code)
                 return
-            if kind is Own.EHLO:
+            if kind is Own.EHLO and not self.ready:
+                # Only the first EHLO's: the one after an XCLIENT describes the same server, and
+                # a backend that stopped listing XCLIENT there must not stop the announcements.
                 self._learn(reply_lines(raw)[1:])
             self.ready = True
         elif kind is Own.XCLIENT:
             # Postfix answers with a new greeting (220), other servers with 250: both took it.
-            if not 200 <= code < 300:
-                self.xclient_refused = True
+            if 200 <= code < 300:
+                self._announcement_taken = True
+            else:
+                self._xclient_refused(code)
         elif kind is Own.RSET and code != 250:
             self._fail(f"RSET refused with {code}", code)
 
@@ -211,8 +241,27 @@ class BackendClient:
         self.xclient_attributes = frozenset(xclient.upper().split()[1:]) if xclient else frozenset()
 
     def _must_announce(self, identity: ClientIdentity) -> bool:
-        return (self.use_xclient and bool(self.xclient_attributes) and not self.xclient_refused
-                and identity != self.announced)
+        if identity == self.announced:
+            return False
+        if self.use_xclient and self.xclient_attributes and not self.xclient_refused:
+            return True
+        if self.announced is not None:
+            # Someone else was announced here and this client cannot be: its mail would go as
+            # theirs. The connection is unusable (its transaction can be replayed on another).
+            self._fail("cannot announce the next client with XCLIENT")
+        return False
+
+    def _xclient_refused(self, code: int) -> None:
+        if code == 421 or self._announcement_taken or self._previously_announced is not None:
+            # Part of the new identity, or an earlier client's, is what the backend now holds.
+            self._fail(f"XCLIENT refused with {code} after an announcement", code)
+            return
+        # It lists XCLIENT but will not take it from us: carry on as ourselves, unannounced, and
+        # drop what is left of the announcement (further XCLIENT lines, the EHLO as the client).
+        self.xclient_refused = True
+        self.announced = None
+        while self._queue and self._queue[0][0] in (Own.XCLIENT, Own.EHLO):
+            self._queue.popleft()
 
     def _queue_announcement(self, identity: ClientIdentity) -> None:
         # XCLIENT restarts the backend's session: it greets again and wants a new EHLO, whose
@@ -221,6 +270,8 @@ class BackendClient:
             (Own.XCLIENT, line, None) for line in xclient_commands(identity, self.xclient_attributes)]
         steps.append((Own.EHLO, f"EHLO {identity.helo or self.hostname}\r\n".encode(), None))
         self._queue.extendleft(reversed(steps))
+        self._previously_announced = self.announced
+        self._announcement_taken = False
         self.announced = identity
 
     def _fail(self, reason: str, code: int | None = None) -> None:
@@ -253,7 +304,16 @@ def xclient_commands(identity: ClientIdentity, offered: frozenset[str]) -> list[
         if len(current) + 1 + len(attribute) + 2 > XCLIENT_LINE_LIMIT and current != "XCLIENT":
             lines.append((current + "\r\n").encode())
             current = "XCLIENT"
-        current += " " + attribute[: XCLIENT_LINE_LIMIT - 12]
+        current += " " + _cut_xtext(attribute, XCLIENT_LINE_LIMIT - 12)
     if current != "XCLIENT":
         lines.append((current + "\r\n").encode())
     return lines
+
+
+def _cut_xtext(attribute: str, length: int) -> str:
+    """At most ``length`` characters of ``attribute``, never ending inside a +HH escape."""
+    if len(attribute) <= length:
+        return attribute
+    cut = attribute[:length]
+    plus = cut.rfind("+", len(cut) - 2)
+    return cut[:plus] if plus >= 0 else cut

@@ -7,6 +7,7 @@ change (design.md §2 "Reply codes") belong to the policy: their defaults are in
 
 from __future__ import annotations
 
+from edgeproxy import fastpath_common as fc
 from edgeproxy.reply import Reply as Reply
 from edgeproxy.reply import multiline as multiline
 
@@ -46,6 +47,15 @@ SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
 SMTPUTF8_NOT_OFFERED = Reply(555, "5.6.7", "SMTPUTF8 was not offered")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 EARLY_TALKER = Reply(554, "5.5.0", "Talking before the greeting; goodbye")
+# The fast path says why a command line is unreadable; this is what the client hears.
+FOR_COMMAND_FAULT = {
+    fc.REASON_LINE_TOO_LONG: LINE_TOO_LONG,
+    fc.REASON_BARE_CR: BARE_LINE_END,
+    fc.REASON_BARE_LF: BARE_LINE_END,
+    fc.REASON_NUL: NUL_IN_COMMAND,
+    fc.REASON_EIGHT_BIT: EIGHT_BIT_COMMAND,
+    fc.REASON_BAD_UTF8: BAD_UTF8,
+}
 
 # -- the body ---------------------------------------------------------------------------------
 BODY_BARE_LINE_END = Reply(550, "5.6.0", "Message contains a bare CR or LF; refused")

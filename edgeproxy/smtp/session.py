@@ -3,7 +3,7 @@
 The I/O layer feeds client bytes to :meth:`SmtpSession.receive_data` and backend replies to
 :meth:`SmtpSession.backend_reply`, then writes :meth:`take_output` to the client and carries out
 :meth:`take_events`. Replies leave in command order (RFC 2920) whatever mix of local and backend
-replies they are: each command gets a slot, and output is the filled prefix of the slots.
+replies they are (:mod:`edgeproxy.smtp.replyqueue`).
 
 After ``DATA`` no further client byte is read until the backend has answered it: the same bytes
 are commands after a ``503`` and body after a ``354``, and guessing is how pipelines desync.
@@ -15,7 +15,6 @@ client reads), excess recipients (``recipient_overshoot``), errors (``max_errors
 
 from __future__ import annotations
 
-import functools
 import re
 import time
 from collections import deque
@@ -31,36 +30,19 @@ from edgeproxy.smtp.capabilities import Capabilities
 from edgeproxy.smtp.events import Command
 from edgeproxy.smtp.interface import SessionLimits, SessionPolicy
 from edgeproxy.smtp.message import Transaction, body_fault, command_line, received_header
+from edgeproxy.smtp.replyqueue import ReplyQueue, Slot
 from edgeproxy.smtp.state import OUT_OF_SEQUENCE, TRANSACTION_STATES, State
 
 __all__ = ["SessionLimits", "SessionPolicy", "SmtpSession", "State"]
 
-_COMMAND_ERRORS = {
-    fc.REASON_LINE_TOO_LONG: r.LINE_TOO_LONG,
-    fc.REASON_BARE_CR: r.BARE_LINE_END,
-    fc.REASON_BARE_LF: r.BARE_LINE_END,
-    fc.REASON_NUL: r.NUL_IN_COMMAND,
-    fc.REASON_EIGHT_BIT: r.EIGHT_BIT_COMMAND,
-    fc.REASON_BAD_UTF8: r.BAD_UTF8,
-}
 # C0, DEL and C1: a HELO carrying them would reach terminals, the backend and the trace header.
 _CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
 _ARGUMENT_SEPARATOR = re.compile("[ \t]+")
 
 
-class _Slot:
-    """A reply owed to the client, in command order; ``close`` ends the session after it."""
-
-    __slots__ = ("close", "data")
-
-    def __init__(self, data: bytes | None = None, close: bool = False) -> None:
-        self.data = data
-        self.close = close
-
-
 class SmtpSession:
     __slots__ = ("_backend_failure", "_backend_mail_refusal", "_clock", "_ending", "_events", "_expected", "_input",
-                 "_skipping_line", "_slots", "_txn",
+                 "_pipeline_full", "_skipping_line", "_slots", "_txn",
                  "capabilities", "client_address", "esmtp", "grant", "helo", "limits", "policy", "progress",
                  "session_id", "state", "stats")
 
@@ -88,9 +70,10 @@ class SmtpSession:
         self.progress = 0  # complete command lines and body chunks taken: the client is alive
         self._input = bytearray()
         self._skipping_line = False  # inside an over-long command line, until its LF
-        self._slots: deque[_Slot] = deque()
+        self._pipeline_full = False  # interpreting stopped at max_pipeline owed replies
+        self._slots = ReplyQueue()
         self._events: list[ev.Event] = []
-        self._expected: deque[tuple[Command, _Slot | None]] = deque()
+        self._expected: deque[tuple[Command, Slot | None]] = deque()
         self._ending: deque[tuple[int, int]] = deque()  # (recipients, size) awaiting END replies
         self._txn = Transaction()
         # The backend's refusal of the MAIL now being answered, which its RCPTs inherit.
@@ -175,15 +158,7 @@ class SmtpSession:
         self.state = State.CLOSED
 
     def take_output(self) -> bytes:
-        out = []
-        slots = self._slots
-        while slots and slots[0].data is not None:
-            slot = slots.popleft()
-            out.append(slot.data)
-            if slot.close:
-                slots.clear()
-                break
-        return b"".join(out)  # type: ignore[arg-type]
+        return self._slots.take()
 
     @property
     def output_complete(self) -> bool:
@@ -207,7 +182,7 @@ class SmtpSession:
     @property
     def can_resume(self) -> bool:
         """Input is waiting only because of the pipeline bound, which taking output has lifted."""
-        return bool(self._input) and self._interpreting and len(self._slots) < self.limits.max_pipeline
+        return self._pipeline_full and self._interpreting and len(self._slots) < self.limits.max_pipeline
 
     @property
     def in_data(self) -> bool:
@@ -224,6 +199,7 @@ class SmtpSession:
         return self.state is not State.DATA and self.state is not State.CLOSED
 
     def _process(self) -> None:
+        self._pipeline_full = False
         buffer = self._input
         limit = self.limits.max_pipeline
         while buffer and self._interpreting:
@@ -231,7 +207,8 @@ class SmtpSession:
                 self._body(bytes(buffer))
                 continue
             if len(self._slots) >= limit:
-                return  # the client has not read what it is owed; interpret more once it has
+                self._pipeline_full = True  # the client has not read what it is owed yet
+                return
             newline = buffer.find(b"\n")
             if self._skipping_line:
                 if newline < 0:
@@ -255,7 +232,7 @@ class SmtpSession:
         try:
             verb, arg = parse_command(line, self.esmtp and self.capabilities.smtputf8, self.limits.max_line_length)
         except ParseError as error:
-            self._error(_COMMAND_ERRORS.get(error.reason, r.UNRECOGNIZED))
+            self._error(r.FOR_COMMAND_FAULT.get(error.reason, r.UNRECOGNIZED))
             return
         handler = self._HANDLERS.get(verb)
         if handler is None:
@@ -269,12 +246,8 @@ class SmtpSession:
 
     # -- replies -------------------------------------------------------------------------------
 
-    def _reply(self, data: bytes | Reply | None = None, close: bool = False) -> _Slot:
-        if isinstance(data, Reply):
-            data = data.encode()
-        slot = _Slot(data, close)
-        self._slots.append(slot)
-        return slot
+    def _reply(self, data: bytes | Reply | None = None, close: bool = False) -> Slot:
+        return self._slots.add(data, close)
 
     def _error(self, reply: Reply) -> None:
         self._reply(reply)
@@ -314,7 +287,7 @@ class SmtpSession:
         if not esmtp:
             self._reply(f"250 {self.limits.hostname}\r\n".encode())
             return
-        self._reply(_ehlo_reply(self.limits.hostname, self.capabilities))
+        self._reply(self.capabilities.ehlo_reply(self.limits.hostname))
 
     def _ehlo_command(self, arg: str) -> None:
         self._helo(arg, True)
@@ -437,18 +410,9 @@ class SmtpSession:
             self._send(command, f"{command.value} {arg}\r\n".encode(), self._reply())
 
     _HANDLERS: ClassVar[dict[str, Callable[[SmtpSession, str], None]]] = {
-        "EHLO": _ehlo_command,
-        "HELO": _helo_command,
-        "MAIL": _mail_command,
-        "RCPT": _rcpt_command,
-        "DATA": _data_command,
-        "RSET": _rset_command,
-        "NOOP": _noop_command,
-        "QUIT": _quit_command,
-        "HELP": _help_command,
-        "VRFY": _vrfy_command,
-        "EXPN": _expn_command,
-        "ETRN": _etrn_command,
+        "EHLO": _ehlo_command, "HELO": _helo_command, "MAIL": _mail_command, "RCPT": _rcpt_command,
+        "DATA": _data_command, "RSET": _rset_command, "NOOP": _noop_command, "QUIT": _quit_command,
+        "HELP": _help_command, "VRFY": _vrfy_command, "EXPN": _expn_command, "ETRN": _etrn_command,
         # Not offered: TURN never (RFC 2505 §2.11), STARTTLS and AUTH until TLS is built, BDAT
         # because CHUNKING is not advertised.
         "TURN": _not_implemented,
@@ -509,7 +473,7 @@ class SmtpSession:
 
     # -- transactions --------------------------------------------------------------------------
 
-    def _send(self, command: Command, data: bytes, slot: _Slot | None = None) -> None:
+    def _send(self, command: Command, data: bytes, slot: Slot | None = None) -> None:
         self._events.append(ev.BackendSend(command, data))
         self._expected.append((command, slot))
 
@@ -527,8 +491,3 @@ class SmtpSession:
         if delivered:
             self.stats.messages += 1
         self._events.append(ev.TransactionEnded(delivered, recipients, size, code))
-
-
-@functools.lru_cache(maxsize=16)
-def _ehlo_reply(hostname: str, capabilities: Capabilities) -> bytes:
-    return r.multiline(250, [hostname, *capabilities.ehlo_keywords()])

@@ -1,0 +1,52 @@
+"""Replies owed to the client, released in command order (RFC 2920 §3.1).
+
+Each command takes a slot when it is read; a local reply fills its slot at once, a backend reply
+when it arrives. Output is the filled prefix of the slots, so a relay refusal answered locally
+can never overtake the backend's reply to an earlier RCPT.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from edgeproxy.reply import Reply
+
+
+class Slot:
+    """A reply owed to the client; ``close`` ends the session after it."""
+
+    __slots__ = ("close", "data")
+
+    def __init__(self, data: bytes | None = None, close: bool = False) -> None:
+        self.data = data
+        self.close = close
+
+
+class ReplyQueue:
+    __slots__ = ("_slots",)
+
+    def __init__(self) -> None:
+        self._slots: deque[Slot] = deque()
+
+    def add(self, data: bytes | Reply | None = None, close: bool = False) -> Slot:
+        """A slot for the next reply: filled now with ``data``, or later through the slot."""
+        if isinstance(data, Reply):
+            data = data.encode()
+        slot = Slot(data, close)
+        self._slots.append(slot)
+        return slot
+
+    def take(self) -> bytes:
+        """Every reply that may leave now; nothing after a closing one."""
+        out = []
+        slots = self._slots
+        while slots and slots[0].data is not None:
+            slot = slots.popleft()
+            out.append(slot.data)
+            if slot.close:
+                slots.clear()
+                break
+        return b"".join(out)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self._slots)
