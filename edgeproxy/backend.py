@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from typing import Protocol
@@ -41,12 +42,13 @@ class BackendOwner(Protocol):
 
 
 class BackendConnection(asyncio.Protocol):
-    __slots__ = ("_pool", "_timer", "_transport", "client", "closed", "idle_since", "lease", "reused")
+    __slots__ = ("_pool", "_timer", "_tls_task", "_transport", "client", "closed", "idle_since", "lease", "reused")
 
     def __init__(self, pool: BackendPool) -> None:
         self._pool = pool
-        self.client = BackendClient(pool.hostname, pool.use_xclient)
+        self.client = BackendClient(pool.hostname, pool.use_xclient, pool.tls_mode)
         self._transport: asyncio.Transport | None = None
+        self._tls_task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.lease: BackendLease | None = None
         self.closed = False
@@ -75,9 +77,37 @@ class BackendConnection(asyncio.Protocol):
         if client.failure is not None:
             self._fail(client.failure, client.failure_code)
             return
+        if client.tls_wanted and self._tls_task is None:
+            self._tls_task = asyncio.get_running_loop().create_task(self._start_tls())
+            return
         self.flush()
         if self.lease is None and client.idle and not self.closed:
             self._pool.put_back(self)
+
+    async def _start_tls(self) -> None:
+        """STARTTLS accepted: our own handshake with the backend (design.md §7: TLS on both legs
+        is the proxy's own, never passed through)."""
+        loop = asyncio.get_running_loop()
+        pool = self._pool
+        assert self._transport is not None and pool.tls_context is not None
+        self._cancel_timer()
+        try:
+            transport = await loop.start_tls(
+                self._transport, self, pool.tls_context,
+                server_hostname=pool.host if pool.tls_context.check_hostname else None,
+                ssl_handshake_timeout=pool.connect_timeout,
+            )
+        except (OSError, TimeoutError, ValueError) as error:  # ssl.SSLError is an OSError
+            if not self.closed:
+                self.client.tls_failed(str(error) or type(error).__name__)
+                log.warning("backend_tls_failed", reason=self.client.failure, backend=pool.address)
+                self._fail(self.client.failure or "TLS handshake failed")
+            return
+        if self.closed or transport is None:
+            return
+        self._transport = transport  # type: ignore[assignment]
+        self.client.tls_started()
+        self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed:
@@ -105,6 +135,8 @@ class BackendConnection(asyncio.Protocol):
     def abort(self) -> None:
         """Drop the connection at once, without ending any message it carries."""
         self.lease = None
+        if self._tls_task is not None:
+            self._tls_task.cancel()
         if self._transport is not None:
             self._transport.abort()
         self._lost("aborted", backend_fault=False)
@@ -270,7 +302,7 @@ class BackendLease:
             self._pending = replay
             self.pool.request(self)
         elif connection.client.owes_owner or connection.client.in_transaction:
-            self.fail(r.BACKEND_UNAVAILABLE)
+            self.fail(connection.client.failure_reply or r.BACKEND_UNAVAILABLE)
 
     def _tell_failed(self, reply: Reply) -> None:
         self._failing = False
@@ -299,6 +331,8 @@ class BackendPool:
         reply_timeout: float,
         retry_interval: float,
         use_xclient: bool,
+        tls_mode: str = "no",
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -311,6 +345,8 @@ class BackendPool:
         self.reply_timeout = reply_timeout
         self.retry_interval = retry_interval
         self.use_xclient = use_xclient
+        self.tls_mode = tls_mode if tls_context is not None else "no"
+        self.tls_context = tls_context
         self.keywords: list[str] | None = None  # the backend's last EHLO keywords
         self._idle: list[BackendConnection] = []  # last in, first out: the oldest age out
         self._open: set[BackendConnection] = set()  # every connection counted in the budget
@@ -321,6 +357,7 @@ class BackendPool:
         self._down_since: float | None = None  # the backend is down: new connections wait
         self._retry_at = 0.0
         self._refused_while_down = 0
+        self._down_reply = r.BACKEND_UNAVAILABLE  # what the clients hear while it is down
         self._trial: BackendConnection | None = None  # the one connection trying a down backend
 
     # -- leases ------------------------------------------------------------------------------
@@ -334,7 +371,7 @@ class BackendPool:
                 return
         if self._down_since is not None and not self._may_try_again():
             self._refused_while_down += 1
-            lease.fail(r.BACKEND_UNAVAILABLE)
+            lease.fail(self._down_reply)
             return
         if len(self._open) < self.budget:
             lease.attach(self._open_connection(), reused=False)
@@ -369,7 +406,7 @@ class BackendPool:
         if self._trial is connection:
             self._trial = None
         if not connection.client.ready and reason:
-            self._connect_failed(reason)
+            self._connect_failed(reason, connection.client.failure_reply or r.BACKEND_UNAVAILABLE)
         self._serve_waiters()
 
     def connection_ready(self, connection: BackendConnection) -> None:
@@ -440,7 +477,8 @@ class BackendPool:
     def _may_try_again(self) -> bool:
         return self._trial is None and time.monotonic() >= self._retry_at
 
-    def _connect_failed(self, reason: str) -> None:
+    def _connect_failed(self, reason: str, reply: Reply) -> None:
+        self._down_reply = reply
         now = time.monotonic()
         if self._down_since is None:
             self._down_since = now
@@ -450,7 +488,7 @@ class BackendPool:
         # Those queued for a connection would only wait for one that cannot come soon.
         while self._waiters:
             self._refused_while_down += 1
-            self._waiters.popleft().fail(r.BACKEND_UNAVAILABLE)
+            self._waiters.popleft().fail(reply)
 
     def _serve_waiters(self) -> None:
         while self._waiters and len(self._open) < self.budget:

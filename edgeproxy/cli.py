@@ -50,7 +50,10 @@ def cmd_check_relay(args: argparse.Namespace, environ: Mapping[str, str]) -> int
     if refusal:
         print(f"connect refused ({refusal.rule}): {refusal.reply}")
         return 2
-    grant = policy.relay_grant(args.client, args.relay_listener, args.authenticated)
+    from edgeproxy.listener import ListenerKind
+
+    listener = ListenerKind.RELAY if args.relay_listener else ListenerKind.SMTP
+    grant = policy.relay_grant(args.client, listener, args.authenticated)
     try:
         verdict = policy.decide_rcpt(f"TO:<{args.recipient}>", grant)
     except ParseError as error:

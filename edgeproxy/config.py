@@ -130,6 +130,14 @@ def _parse_required_listeners(text: str) -> tuple[tuple[str, int], ...]:
     return listeners
 
 
+def _parse_file(text: str) -> str:
+    """Empty, or a readable file (``@/path`` is taken as ``/path`` too)."""
+    path = text.strip().removeprefix("@")
+    if path and not os.access(path, os.R_OK):
+        raise ValueError(f"cannot read {path}")
+    return path
+
+
 def _parse_backend(text: str) -> tuple[str, int] | None:
     return parse_host_port(text) if text.strip() else None
 
@@ -245,6 +253,17 @@ _SETTINGS_VARIABLES: tuple[Variable, ...] = (
     Variable("RELAY_LISTEN", _parse_listeners, "",
              "Extra listeners whose clients may relay (Exchange's 'clients connecting to these "
              "internal addresses')", "10.0.0.5:25"),
+    Variable("SUBMISSION_LISTEN", _parse_listeners, "",
+             "Mail submission listeners (RFC 6409, port 587): STARTTLS required before MAIL", "0.0.0.0:587"),
+    Variable("SUBMISSIONS_LISTEN", _parse_listeners, "",
+             "Mail submission over implicit TLS (RFC 8314, port 465): TLS from the first byte", "0.0.0.0:465"),
+    Variable("TLS_CERT", _parse_file, "",
+             "PEM certificate (chain) for STARTTLS and implicit TLS; empty offers no TLS (the embedded "
+             "defaults make a throwaway self-signed one)", "/etc/edgeproxy/tls/fullchain.pem"),
+    Variable("TLS_KEY", _parse_file, "", "PEM private key of TLS_CERT", "/etc/edgeproxy/tls/privkey.pem"),
+    Variable("TLS_MIN_VERSION", _choice_parser("1.2", "1.3"), "1.2", "Oldest TLS version accepted from clients", "1.3"),
+    Variable("TLS_HANDSHAKE_TIMEOUT", _seconds_parser(1), "30",
+             "Seconds a client has to complete a TLS handshake", "10"),
     Variable("BACKEND", _parse_backend, "",
              "The real mail server; empty starts an embedded sink for trying edgeproxy out",
              "10.0.0.10:25"),
@@ -320,6 +339,13 @@ _SETTINGS_VARIABLES: tuple[Variable, ...] = (
     Variable("BACKEND_RETRY_INTERVAL", _seconds_parser(0.1), "2",
              "Seconds after a failed backend connect during which transactions get 451 4.4.1 at once "
              "instead of a new attempt", "5"),
+    Variable("BACKEND_TLS", _choice_parser("no", "opportunistic", "required"), "opportunistic",
+             "STARTTLS to the backend: when offered, always (else 451 4.7.5, never plaintext), or never",
+             "required"),
+    Variable("BACKEND_TLS_VERIFY", _choice_parser("auto", "yes", "no"), "auto",
+             "Verify the backend's certificate and name; auto = yes when BACKEND_TLS=required", "no"),
+    Variable("BACKEND_TLS_CA", _parse_file, "",
+             "CA bundle for verifying the backend; empty uses the system's", "@/etc/edgeproxy/backend-ca.pem"),
     Variable("XCLIENT", parse_bool, "yes",
              "Announce the real client with XCLIENT when the backend offers it", "no"),
     Variable("RECEIVED_HEADER", parse_bool, "yes",
@@ -356,6 +382,12 @@ _BY_ENV = {variable.env: variable for variable in VARIABLES}
 class Settings:
     listen: tuple[tuple[str, int], ...]
     relay_listen: tuple[tuple[str, int], ...]
+    submission_listen: tuple[tuple[str, int], ...]
+    submissions_listen: tuple[tuple[str, int], ...]
+    tls_cert: str
+    tls_key: str
+    tls_min_version: str
+    tls_handshake_timeout: float
     backend: tuple[str, int] | None
     hostname: str
     local_domains: tuple[str, ...]
@@ -389,6 +421,9 @@ class Settings:
     backend_queue_timeout: float
     backend_idle_timeout: float
     backend_retry_interval: float
+    backend_tls: str
+    backend_tls_verify: str
+    backend_tls_ca: str
     xclient: bool
     received_header: bool
     enable_expn: bool
@@ -430,6 +465,7 @@ class Settings:
             # stop reading before its end and wait for it forever.
             problems.append(f"{PREFIX}MAX_PENDING_INPUT={environ.get(PREFIX + 'MAX_PENDING_INPUT')!r}: "
                             f"must be at least {PREFIX}MAX_LINE_LENGTH ({values['max_line_length']})")
+        problems += _tls_problems(values, environ)
         for name in sorted(set(environ) - set(_BY_ENV)):
             if name.startswith(PREFIX):
                 problems.append(f"{name}={environ[name]!r}: unknown variable (misspelt?)")
@@ -443,6 +479,12 @@ class Settings:
             values["hostname"] = socket.getfqdn()
         return cls(**values, replies=replies)
 
+    @property
+    def backend_verify(self) -> bool:
+        if self.backend_tls_verify == "auto":
+            return self.backend_tls == "required"
+        return self.backend_tls_verify == "yes"
+
     def describe(self) -> list[tuple[str, str]]:
         """(variable, effective value) for every setting, secrets redacted, as ``config`` prints."""
         rows = []
@@ -453,6 +495,29 @@ class Settings:
             value = getattr(self, variable.attribute)
             rows.append((variable.env, "<redacted>" if variable.secret and value else _show(value)))
         return rows
+
+
+def _tls_problems(values: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """The TLS settings that only make sense together; the pair is loaded, as the server will."""
+    from edgeproxy.tls import server_context
+
+    cert, key = values.get("tls_cert"), values.get("tls_key")
+    if cert is None or key is None:
+        return []  # already reported
+    if bool(cert) != bool(key):
+        missing = "TLS_KEY" if cert else "TLS_CERT"
+        return [f"{PREFIX}{missing}={environ.get(PREFIX + missing, '')!r}: needed with "
+                f"{PREFIX}{'TLS_CERT' if cert else 'TLS_KEY'}"]
+    if cert:
+        try:
+            server_context(cert, key, values.get("tls_min_version", "1.2"))
+        except ValueError as error:
+            return [f"{PREFIX}TLS_KEY={key!r}: {error} ({PREFIX}TLS_CERT={cert!r})"]
+    elif values.get("backend") is not None:
+        # (On the embedded defaults a throwaway certificate is made at start-up.)
+        return [f"{PREFIX}{name}={environ.get(PREFIX + name)!r}: needs {PREFIX}TLS_CERT and {PREFIX}TLS_KEY"
+                for name in ("SUBMISSION_LISTEN", "SUBMISSIONS_LISTEN") if values.get(name.lower())]
+    return []
 
 
 def _show(value: object) -> str:

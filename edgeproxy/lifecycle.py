@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import datetime
 import os
 import signal
 import socket
@@ -19,16 +21,35 @@ from collections.abc import Mapping
 import structlog
 
 from edgeproxy import log as logsetup
+from edgeproxy import tls
 from edgeproxy.config import ConfigError, Settings
-from edgeproxy.server import ServerState
+from edgeproxy.listener import ListenerKind
+from edgeproxy.worker import ServerState
 
 log = structlog.get_logger("edgeproxy")
-Listener = tuple[str, int, bool]  # host, port, clients may relay
+Listener = tuple[str, int, ListenerKind]
 # The kernel caps it at net.core.somaxconn; asyncio's default of 100 drops SYNs in a burst.
 LISTEN_BACKLOG = 4096
 
 
+class ListenError(OSError):
+    """An address from the configuration cannot be listened on (in use, not ours)."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"{address}: {reason}")
+        self.address = address
+        self.reason = reason
+
+
 def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    try:
+        return _bound_socket(host, port, reuse_port)
+    except OSError as error:
+        raise ListenError(f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                          error.strerror or str(error)) from None
+
+
+def _bound_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -43,9 +64,10 @@ def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
 
 
 def _listeners(settings: Settings) -> list[Listener]:
-    return [(host, port, False) for host, port in settings.listen] + [
-        (host, port, True) for host, port in settings.relay_listen
-    ]
+    kinds = ((settings.listen, ListenerKind.SMTP), (settings.relay_listen, ListenerKind.RELAY),
+             (settings.submission_listen, ListenerKind.SUBMISSION),
+             (settings.submissions_listen, ListenerKind.SUBMISSIONS))
+    return [(host, port, kind) for addresses, kind in kinds for host, port in addresses]
 
 
 async def serve(settings: Settings, backend: tuple[str, int], listeners: list[Listener],
@@ -55,11 +77,9 @@ async def serve(settings: Settings, backend: tuple[str, int], listeners: list[Li
     await state.pool.probe()
     servers = []
     bound = []
-    for host, port, may_relay in listeners:
+    for host, port, kind in listeners:
         sock = listen_socket(host, port, reuse_port)
-        servers.append(
-            await loop.create_server(state.protocol_factory(may_relay), sock=sock, backlog=LISTEN_BACKLOG)
-        )
+        servers.append(await loop.create_server(state.protocol_factory(kind), sock=sock, backlog=LISTEN_BACKLOG))
         name = sock.getsockname()
         bound.append(f"[{name[0]}]:{name[1]}" if sock.family == socket.AF_INET6 else f"{name[0]}:{name[1]}")
     from edgeproxy import fastpath
@@ -77,10 +97,13 @@ async def serve(settings: Settings, backend: tuple[str, int], listeners: list[Li
 
     def on_reload() -> None:
         try:
-            state.reload(Settings.from_env(environ))
+            new = Settings.from_env(environ)
+            if not new.tls_cert and settings.tls_cert:
+                new = dataclasses.replace(new, tls_cert=settings.tls_cert, tls_key=settings.tls_key)
+            state.reload(new)
         except (ConfigError, ValueError) as error:
             problems = error.problems if isinstance(error, ConfigError) else [str(error)]
-            log.error("reload_failed", problems=problems, kept="previous policy")
+            log.error("reload_failed", problems=problems, kept="previous policy and certificate")
             return
         log.info("reloaded")
 
@@ -145,14 +168,33 @@ def run(settings: Settings, environ: Mapping[str, str]) -> int:
             children.append(sink_pid)
             log.info("embedded_sink", address=f"{backend[0]}:{backend[1]}", directory=directory,
                      note="no EDGEPROXY_BACKEND set: messages are written to files, not delivered")
+            if not settings.tls_cert:
+                cert, key = tls.make_self_signed(settings.hostname, tempfile.mkdtemp(prefix="edgeproxy-tls-"))
+                settings = dataclasses.replace(settings, tls_cert=cert, tls_key=key)
+                log.info("tls_self_signed", certificate=cert, note="a throwaway certificate, for trying it out")
+        _check_certificate(settings)
         listeners = _listeners(settings)
         if settings.workers == 1:
             run_worker(settings, backend, listeners, False, environ)
             return 0
         return _supervise(settings, backend, listeners, environ, children)
+    except ListenError as error:
+        log.error("listen_failed", address=error.address, reason=error.reason)
+        return 1
     finally:
         for pid in children:
             _stop_child(pid)
+
+
+def _check_certificate(settings: Settings) -> None:
+    """One warning line each for what still starts but an operator should know."""
+    if not settings.tls_cert:
+        log.warning("starttls_not_offered", note="set EDGEPROXY_TLS_CERT and EDGEPROXY_TLS_KEY to offer STARTTLS")
+        return
+    expires = tls.certificate_expiry(settings.tls_cert)
+    if expires <= datetime.datetime.now(datetime.UTC):
+        log.warning("tls_certificate_expired", variable="EDGEPROXY_TLS_CERT", path=settings.tls_cert,
+                    expired=expires.isoformat())
 
 
 def _supervise(settings: Settings, backend: tuple[str, int], listeners: list[Listener],
@@ -161,7 +203,7 @@ def _supervise(settings: Settings, backend: tuple[str, int], listeners: list[Lis
     # Bound but never listening, these sockets hold port-0 choices without taking connections.
     reserved = [listen_socket(host, port, reuse_port=True) for host, port, _ in listeners]
     listeners = [
-        (host, sock.getsockname()[1], relay) for (host, _, relay), sock in zip(listeners, reserved, strict=True)
+        (host, sock.getsockname()[1], kind) for (host, _, kind), sock in zip(listeners, reserved, strict=True)
     ]
     workers: set[int] = set()
     stopping = False

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
+
+if TYPE_CHECKING:
+    from edgeproxy.smtp.events import Refused
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 # C0, DEL and C1 controls, shown as \xNN; everything printable is left as it is.
@@ -46,3 +49,40 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
+
+
+class RefusalLog:
+    """RFC 2505 §2.4 refusal lines. The first of a run of identical refusals is logged at once;
+    the rest of the run becomes one ``refused_repeated`` line with their count, so a client
+    repeating itself (a recipient flood, a relay probe loop) cannot make the log its amplifier."""
+
+    __slots__ = ("_key", "_last", "_repeated")
+
+    def __init__(self) -> None:
+        self._key: tuple[object, ...] | None = None
+        self._last: Refused | None = None
+        self._repeated = 0
+
+    def add(self, event: Refused, logger: structlog.typing.FilteringBoundLogger, helo: str | None) -> None:
+        key = (event.stage, event.rule, event.sender, _domain(event.recipient), event.reply)
+        if key == self._key:
+            self._repeated += 1
+            return
+        self.flush(logger, helo)
+        self._key, self._last = key, event
+        # RFC 2505 §2.4: time, rule, client address and name, HELO, sender, recipient domain.
+        logger.info("refused", stage=event.stage, rule=event.rule, helo=helo, sender=event.sender,
+                    recipient_domain=_domain(event.recipient), reply=str(event.reply))
+
+    def flush(self, logger: structlog.typing.FilteringBoundLogger, helo: str | None) -> None:
+        """End the current run: its repeats, if any, as one line."""
+        event = self._last
+        if event is not None and self._repeated:
+            logger.info("refused_repeated", stage=event.stage, rule=event.rule, helo=helo, sender=event.sender,
+                        recipient_domain=_domain(event.recipient), reply=str(event.reply), count=self._repeated)
+        self._key = self._last = None
+        self._repeated = 0
+
+
+def _domain(recipient: str | None) -> str | None:
+    return recipient.rpartition("@")[2] if recipient else None

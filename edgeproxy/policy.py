@@ -13,6 +13,7 @@ from edgeproxy import fastpath_common as fc
 from edgeproxy.config import Settings
 from edgeproxy.fastpath import CidrSet, DomainSet, ParsedPath, RcptMatcher, RcptVerdict
 from edgeproxy.fastpath_common import local_key
+from edgeproxy.listener import ListenerKind
 from edgeproxy.refusals import Refusal
 
 # RCPT rules that refuse, and the reply-table entry each answers with.
@@ -52,7 +53,7 @@ class Policy:
             return Refusal("connect_not_allowed", self.replies["CONNECT_DENIED"])
         return None
 
-    def relay_grant(self, client: str, listener_may_relay: bool, authenticated: bool = False) -> int:
+    def relay_grant(self, client: str, listener: ListenerKind, authenticated: bool = False) -> int:
         """What this client may do with foreign domains; the NEVER list overrides all else."""
         if client in self.relay_never:
             return fc.GRANT_NEVER
@@ -60,7 +61,7 @@ class Policy:
             return fc.GRANT_AUTHENTICATED
         if client in self.relay_allow:
             return fc.GRANT_ALLOW_LIST
-        if listener_may_relay:
+        if listener is ListenerKind.RELAY:
             return fc.GRANT_LISTENER
         return fc.GRANT_NONE
 

@@ -11,156 +11,52 @@ never held by a socket that does not drain.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
+import ssl
 import time
+from typing import TYPE_CHECKING
 
 import structlog
 
-from edgeproxy.backend import BackendLease, BackendPool
-from edgeproxy.config import Settings
-from edgeproxy.limits import ConnectionLimiter
+from edgeproxy.backend import BackendLease
+from edgeproxy.listener import ListenerKind
+from edgeproxy.log import RefusalLog
 from edgeproxy.netutil import set_nodelay
-from edgeproxy.policy import Policy
 from edgeproxy.reply import Reply
 from edgeproxy.smtp import events as ev
 from edgeproxy.smtp import replies as r
-from edgeproxy.smtp.capabilities import Capabilities
 from edgeproxy.smtp.client import ClientIdentity
-from edgeproxy.smtp.session import SessionLimits, SmtpSession
+from edgeproxy.smtp.session import SmtpSession
+
+if TYPE_CHECKING:
+    from edgeproxy.worker import ServerState
 
 log = structlog.get_logger("edgeproxy")
-_session_ids = itertools.count(1)
-
-
-class ServerState:
-    """What every connection of one worker shares. ``policy`` is swapped whole on reload."""
-
-    def __init__(self, settings: Settings, backend: tuple[str, int]) -> None:
-        self.settings = settings
-        self.policy = Policy(settings)
-        self.limits = SessionLimits(
-            hostname=settings.hostname,
-            max_line_length=settings.max_line_length,
-            max_body_line_length=settings.max_body_line_length,
-            max_errors=settings.max_errors,
-            received_header=settings.received_header,
-            enable_expn=settings.enable_expn,
-            enable_etrn=settings.enable_etrn,
-            max_pending_input=settings.max_pending_input,
-            max_pipeline=settings.max_pipeline,
-            recipient_overshoot=settings.recipient_overshoot_limit,
-        )
-        self.limiter = ConnectionLimiter(
-            settings.max_connections, settings.max_connections_per_ip, settings.connection_rate
-        )
-        self.pool = BackendPool(
-            backend[0],
-            backend[1],
-            hostname=settings.hostname,
-            # The budget is the backend's protection, so the workers split it.
-            budget=max(1, settings.backend_max_connections // settings.workers),
-            queue_timeout=settings.backend_queue_timeout,
-            idle_timeout=settings.backend_idle_timeout,
-            connect_timeout=settings.backend_connect_timeout,
-            reply_timeout=settings.backend_timeout,
-            retry_interval=settings.backend_retry_interval,
-            use_xclient=settings.xclient,
-        )
-        self.sessions: set[ClientProtocol] = set()
-        self.draining = False
-        self.drained = asyncio.Event()
-        self._capabilities_for: list[str] | None = None
-        self._capabilities = Capabilities.negotiate(settings.max_message_size, None)
-        self._id_prefix = f"{os.getpid():x}"
-
-    def capabilities(self) -> Capabilities:
-        keywords = self.pool.keywords
-        if keywords is not self._capabilities_for:
-            self._capabilities = Capabilities.negotiate(self.settings.max_message_size, keywords)
-            self._capabilities_for = keywords
-        return self._capabilities
-
-    def new_session_id(self) -> str:
-        return f"{self._id_prefix}{next(_session_ids):06x}"
-
-    def reload(self, settings: Settings) -> None:
-        """New lists and directories for new sessions; sessions in progress keep theirs."""
-        self.policy = Policy(settings)
-
-    def drain(self) -> None:
-        self.draining = True
-        for session in list(self.sessions):
-            session.drain()
-        if not self.sessions:
-            self.drained.set()
-
-    def abort_all(self) -> None:
-        for session in list(self.sessions):
-            session.abort()
-
-    def protocol_factory(self, listener_may_relay: bool):
-        return lambda: ClientProtocol(self, listener_may_relay)
-
-
-class _RefusalLog:
-    """RFC 2505 §2.4 refusal lines. The first of a run of identical refusals is logged at once;
-    the rest of the run becomes one ``refused_repeated`` line with their count, so a client
-    repeating itself (a recipient flood, a relay probe loop) cannot make the log its amplifier."""
-
-    __slots__ = ("_key", "_last", "_repeated")
-
-    def __init__(self) -> None:
-        self._key: tuple[object, ...] | None = None
-        self._last: ev.Refused | None = None
-        self._repeated = 0
-
-    def add(self, event: ev.Refused, logger: structlog.typing.FilteringBoundLogger, helo: str | None) -> None:
-        key = (event.stage, event.rule, event.sender, _domain(event.recipient), event.reply)
-        if key == self._key:
-            self._repeated += 1
-            return
-        self.flush(logger, helo)
-        self._key, self._last = key, event
-        # RFC 2505 §2.4: time, rule, client address and name, HELO, sender, recipient domain.
-        logger.info("refused", stage=event.stage, rule=event.rule, helo=helo, sender=event.sender,
-                    recipient_domain=_domain(event.recipient), reply=str(event.reply))
-
-    def flush(self, logger: structlog.typing.FilteringBoundLogger, helo: str | None) -> None:
-        """End the current run: its repeats, if any, as one line."""
-        event = self._last
-        if event is not None and self._repeated:
-            logger.info("refused_repeated", stage=event.stage, rule=event.rule, helo=helo, sender=event.sender,
-                        recipient_domain=_domain(event.recipient), reply=str(event.reply), count=self._repeated)
-        self._key = self._last = None
-        self._repeated = 0
-
-
-def _domain(recipient: str | None) -> str | None:
-    return recipient.rpartition("@")[2] if recipient else None
 
 
 class ClientProtocol(asyncio.Protocol):
-    __slots__ = ("_admitted", "_backend_writable", "_client_writable", "_closing", "_last_progress", "_log",
-                 "_reading", "_refusals", "_resume_scheduled", "_started", "_timer", "client", "lease",
-                 "listener_may_relay", "session", "session_id", "state", "transport")
+    __slots__ = ("_admitted", "_backend_writable", "_client_writable", "_closing", "_handshaking", "_last_progress",
+                 "_log", "_reading", "_refusals", "_resume_scheduled", "_started", "_timer", "_tls_task",
+                 "_tls_wanted", "client", "lease", "listener", "session", "session_id", "state", "transport")
 
-    def __init__(self, state: ServerState, listener_may_relay: bool) -> None:
+    def __init__(self, state: ServerState, listener: ListenerKind) -> None:
         self.state = state
-        self.listener_may_relay = listener_may_relay
+        self.listener = listener
         self.transport: asyncio.Transport | None = None
         self.session: SmtpSession | None = None
         self.lease: BackendLease | None = None
         self.client = "?"
         self.session_id = ""
         self._log: structlog.typing.FilteringBoundLogger | None = None
-        self._refusals = _RefusalLog()
+        self._refusals = RefusalLog()
         self._admitted = False
         self._closing = False
         self._reading = True
         self._backend_writable = True
         self._client_writable = True
         self._resume_scheduled = False
+        self._tls_wanted = False  # STARTTLS answered 220: hand-shake once that reply is out
+        self._handshaking = False
+        self._tls_task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._started = 0.0
         self._last_progress = 0.0
@@ -188,16 +84,23 @@ class ClientProtocol(asyncio.Protocol):
             return
         self._admitted = True
         state.sessions.add(self)
-        grant = policy.relay_grant(self.client, self.listener_may_relay)
-        self.session = SmtpSession(state.limits, policy, state.capabilities(), self.client, grant, self.session_id)
+        grant = policy.relay_grant(self.client, self.listener)
+        self.session = SmtpSession(state.limits, policy, state.capabilities(), self.client, grant, self.session_id,
+                                   listener=self.listener)
         loop = asyncio.get_running_loop()
         self._started = self._last_progress = loop.time()
-        delay = state.settings.greeting_delay
+        self._timer = loop.call_later(state.settings.timeout, self._check_timeouts)
+        if self.listener.implicit_tls:
+            self._start_tls()  # RFC 8314: TLS from the first byte; the greeting comes inside it
+            return
+        self._schedule_greeting()
+
+    def _schedule_greeting(self) -> None:
+        delay = self.state.settings.greeting_delay
         if delay > 0:
-            loop.call_later(delay, self._greet)
+            asyncio.get_running_loop().call_later(delay, self._greet)
         else:
             self._greet()
-        self._timer = loop.call_later(state.settings.timeout, self._check_timeouts)
 
     def _refuse_connection(self, rule: str, reply: Reply) -> None:
         self.log.info("refused", stage="connect", rule=rule, reply=str(reply))
@@ -228,6 +131,8 @@ class ClientProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._tls_task is not None:
+            self._tls_task.cancel()
         session = self.session
         if session is None or not self._admitted:
             return
@@ -249,6 +154,7 @@ class ClientProtocol(asyncio.Protocol):
             "session",
             helo=session.helo,
             seconds=round(asyncio.get_running_loop().time() - self._started, 3),
+            tls=f"{session.tls.version}/{session.tls.cipher}" if session.tls else None,
             messages=stats.messages,
             refusals=stats.refusals,
             errors=stats.errors,
@@ -312,8 +218,49 @@ class ClientProtocol(asyncio.Protocol):
         if self.state.draining and not session.in_transaction and session.output_complete:
             self._finish(r.SHUTTING_DOWN)
             return
+        if self._tls_wanted and session.output_complete:
+            self._tls_wanted = False
+            self._start_tls()
+            return
         self._update_reading()
         self._schedule_resume()
+
+    def _start_tls(self) -> None:
+        context = self.state.tls_context
+        assert context is not None and self.transport is not None
+        self._handshaking = True
+        self._tls_task = asyncio.get_running_loop().create_task(self._handshake(self.transport, context))
+
+    async def _handshake(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
+        """The server side of TLS, off the session's path: other sessions run meanwhile, and a
+        failed or stalled handshake costs one log line and this connection only."""
+        loop = asyncio.get_running_loop()
+        try:
+            secured = await loop.start_tls(transport, self, context, server_side=True,
+                                           ssl_handshake_timeout=self.state.settings.tls_handshake_timeout)
+        except (OSError, TimeoutError, ValueError, RuntimeError) as error:  # ssl.SSLError is an OSError
+            if not self._closing:
+                self.log.info("tls_failed", reason=str(error) or type(error).__name__)
+                self._closing = True
+                transport.abort()
+            return
+        finally:
+            self._handshaking = False
+            self._tls_task = None
+        session = self.session
+        if secured is None or session is None or self._closing:
+            return
+        self.transport = secured  # type: ignore[assignment]
+        self._reading = True
+        self._last_progress = loop.time()
+        ssl_object = secured.get_extra_info("ssl_object")
+        cipher = ssl_object.cipher() if ssl_object is not None else None
+        session.tls_started(ev.TlsInfo(ssl_object.version() if ssl_object else "TLS",
+                                       cipher[0] if cipher else "unknown", cipher[2] if cipher else 0))
+        if self.listener.implicit_tls:
+            self._schedule_greeting()
+        else:
+            self._pump()
 
     def _schedule_resume(self) -> None:
         """More input is waiting behind the pipeline bound: take it on the loop's next turn, so
@@ -348,6 +295,8 @@ class ClientProtocol(asyncio.Protocol):
                 if self.lease is not None and self.lease.connection is not None:
                     self.log.info("backend_aborted", reason=event.reason)
                     self.lease.abort()
+            elif isinstance(event, ev.StartTls):
+                self._tls_wanted = True
             elif isinstance(event, ev.TransactionEnded):
                 self.log.debug("transaction", delivered=event.delivered, recipients=event.recipients,
                                size=event.size, reply_code=event.reply_code)
@@ -368,7 +317,7 @@ class ClientProtocol(asyncio.Protocol):
     def _update_reading(self) -> None:
         """Read only while the backend takes what we forward, the client takes its replies, and
         the core holds less of the client's input than it may."""
-        if self.transport is None or self._closing:
+        if self.transport is None or self._closing or self._handshaking:
             return
         want = (
             self._backend_writable

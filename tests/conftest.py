@@ -14,7 +14,8 @@ import pytest
 
 from edgeproxy import log as logsetup
 from edgeproxy.config import Settings
-from edgeproxy.server import ServerState
+from edgeproxy.listener import ListenerKind
+from edgeproxy.worker import ServerState
 from tests.backends import AiosmtpdSink, PipeliningSink
 
 LOOPS = ("asyncio", "uvloop")
@@ -70,11 +71,12 @@ class ProxyThread:
         self.state = ServerState(self.settings, self.backend)
         await self.state.pool.probe()
         self._servers = [
-            await self.loop.create_server(self.state.protocol_factory(False), "127.0.0.1", 0),
-            await self.loop.create_server(self.state.protocol_factory(True), "127.0.0.1", 0),
+            await self.loop.create_server(self.state.protocol_factory(kind), "127.0.0.1", 0) for kind in ListenerKind
         ]
-        self.port = self._servers[0].sockets[0].getsockname()[1]
-        self.relay_port = self._servers[1].sockets[0].getsockname()[1]
+        self.ports = {kind: server.sockets[0].getsockname()[1]
+                      for kind, server in zip(ListenerKind, self._servers, strict=True)}
+        self.port = self.ports[ListenerKind.SMTP]
+        self.relay_port = self.ports[ListenerKind.RELAY]
 
     def start(self) -> ProxyThread:
         self._thread.start()

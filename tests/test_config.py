@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeproxy import cli
+from edgeproxy import cli, tls
 from edgeproxy.config import VARIABLES, Settings, Variable, parse_bool
 from edgeproxy.errors import ConfigError, EdgeproxyError
 from edgeproxy.refusals import POLICY_DEFAULTS, POLICY_RULES
@@ -58,9 +58,22 @@ def assert_one_problem(env: str, bad: str, **others: str) -> str:
 
 # What each variable's example parses to. Examples that name an operator's list file ("@/etc/...")
 # are replaced by a file holding FILE_EXAMPLES[name].
+# The TLS variables name PEM files; their examples are stood in for by a pair made in the test.
+MADE_FILE = object()
+PEM_VARIABLES = {"TLS_CERT", "TLS_KEY", "BACKEND_TLS_CA"}
+
 EXAMPLE_VALUES: dict[str, object] = {
     "LISTEN": (("0.0.0.0", 25), ("::", 25)),
     "RELAY_LISTEN": (("10.0.0.5", 25),),
+    "SUBMISSION_LISTEN": (("0.0.0.0", 587),),
+    "SUBMISSIONS_LISTEN": (("0.0.0.0", 465),),
+    "TLS_CERT": MADE_FILE,
+    "TLS_KEY": MADE_FILE,
+    "TLS_MIN_VERSION": "1.3",
+    "TLS_HANDSHAKE_TIMEOUT": 10.0,
+    "BACKEND_TLS": "required",
+    "BACKEND_TLS_VERIFY": "no",
+    "BACKEND_TLS_CA": MADE_FILE,
     "BACKEND": ("10.0.0.10", 25),
     "HOSTNAME": "mx1.example.com",
     "LOCAL_DOMAINS": ("example.com", ".example.com"),
@@ -115,6 +128,15 @@ FILE_EXAMPLES = {
 BAD_VALUES: dict[str, str] = {
     "LISTEN": "::1:25",
     "RELAY_LISTEN": "10.0.0.5:99999",
+    "SUBMISSION_LISTEN": "0.0.0.0:99999",
+    "SUBMISSIONS_LISTEN": "465",
+    "TLS_CERT": "/nonexistent/cert.pem",
+    "TLS_KEY": "/nonexistent/key.pem",
+    "TLS_MIN_VERSION": "1.1",
+    "TLS_HANDSHAKE_TIMEOUT": "0",
+    "BACKEND_TLS": "maybe",
+    "BACKEND_TLS_VERIFY": "sometimes",
+    "BACKEND_TLS_CA": "/nonexistent/ca.pem",
     "BACKEND": "mail.example.com",
     "HOSTNAME": "mx 1.example.com",
     "LOCAL_DOMAINS": "not a domain",
@@ -176,7 +198,8 @@ def test_every_variable_has_a_good_and_a_bad_case() -> None:
     names = {variable.name for variable in VARIABLES}
     assert set(BAD_VALUES) == names, "add a bad value for each new variable (and drop removed ones)"
     assert set(EXAMPLE_VALUES) == names, "add the expected value of each new variable's example"
-    assert set(FILE_EXAMPLES) == {variable.name for variable in VARIABLES if variable.example.startswith("@")}
+    assert set(FILE_EXAMPLES) == {variable.name for variable in VARIABLES
+                                  if variable.example.startswith("@") and variable.name not in PEM_VARIABLES}
 
 
 def test_every_variable_is_documented() -> None:
@@ -206,6 +229,11 @@ def test_default_parses(variable: Variable) -> None:
 
 @pytest.mark.parametrize("variable", VARIABLES, ids=ids)
 def test_example_parses_to_the_expected_value(variable: Variable, tmp_path: Path) -> None:
+    if variable.name in PEM_VARIABLES:
+        cert, key = tls.make_self_signed("proxy.test", str(tmp_path))
+        settings = load(EDGEPROXY_TLS_CERT=cert, EDGEPROXY_TLS_KEY=key, EDGEPROXY_BACKEND_TLS_CA=f"@{cert}")
+        assert value_of(settings, variable) == (key if variable.name == "TLS_KEY" else cert)
+        return
     text = variable.example
     if text.startswith("@"):
         listing = tmp_path / "list"
@@ -546,3 +574,34 @@ def test_readme_names_every_variable() -> None:
     text = readme.read_text(encoding="utf-8")
     missing = [variable.env for variable in VARIABLES if variable.env not in text]
     assert not missing, f"README.md does not mention {missing}"
+
+
+# -- TLS: the pair is loaded as the server will load it ------------------------------------------
+
+
+def test_a_key_that_does_not_match_the_certificate_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    cert, _ = tls.make_self_signed("proxy.test", str(tmp_path / "one"))
+    _, other_key = tls.make_self_signed("proxy.test", str(tmp_path / "two"))
+    with pytest.raises(ConfigError) as error:
+        load(EDGEPROXY_TLS_CERT=cert, EDGEPROXY_TLS_KEY=other_key)
+    assert error.value.problems[0].startswith("EDGEPROXY_TLS_KEY=")
+    assert "does not match the certificate" in error.value.problems[0]
+
+
+@pytest.mark.parametrize("given", ["TLS_CERT", "TLS_KEY"])
+def test_half_a_pair_is_reported(given: str, tmp_path: Path) -> None:
+    cert, key = tls.make_self_signed("proxy.test", str(tmp_path))
+    with pytest.raises(ConfigError) as error:
+        load(**{f"EDGEPROXY_{given}": cert if given == "TLS_CERT" else key})
+    missing = "TLS_KEY" if given == "TLS_CERT" else "TLS_CERT"
+    assert error.value.problems == [f"EDGEPROXY_{missing}='': needed with EDGEPROXY_{given}"]
+
+
+@pytest.mark.parametrize("name", ["SUBMISSION_LISTEN", "SUBMISSIONS_LISTEN"])
+def test_submission_with_a_real_backend_needs_a_certificate(name: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load(EDGEPROXY_BACKEND="127.0.0.1:25", **{f"EDGEPROXY_{name}": "127.0.0.1:5870"})
+    expected = f"EDGEPROXY_{name}='127.0.0.1:5870': needs EDGEPROXY_TLS_CERT and EDGEPROXY_TLS_KEY"
+    assert error.value.problems == [expected]

@@ -17,6 +17,7 @@ from edgeproxy import fastpath_common as fc
 from edgeproxy.config import Settings
 from edgeproxy.errors import ParseError
 from edgeproxy.fastpath import RcptVerdict, parse_mail_from
+from edgeproxy.listener import ListenerKind
 from edgeproxy.policy import Policy, Refusal
 from edgeproxy.refusals import POLICY_DEFAULTS, POLICY_INHERITS, POLICY_RULES
 from edgeproxy.reply import Reply
@@ -198,7 +199,8 @@ ENCAPSULATED = {
 @pytest.mark.parametrize("address", ENCAPSULATED.values(), ids=ENCAPSULATED.keys())
 def test_encapsulated_form_is_a_relay_attempt_for_an_unauthorized_client(address: str) -> None:
     p = policy(local_domains=f"{LOCAL},[192.0.2.1]")
-    assert_refused(p, decide(p, address, p.relay_grant("192.0.2.7", False)), fc.RULE_ENCAPSULATED, "ENCAPSULATED")
+    grant = p.relay_grant("192.0.2.7", ListenerKind.SMTP)
+    assert_refused(p, decide(p, address, grant), fc.RULE_ENCAPSULATED, "ENCAPSULATED")
 
 
 @pytest.mark.parametrize("address", ENCAPSULATED.values(), ids=ENCAPSULATED.keys())
@@ -206,10 +208,10 @@ def test_encapsulated_form_is_a_relay_attempt_for_an_unauthorized_client(address
 def test_encapsulated_form_is_forwarded_for_a_client_that_may_relay(address: str, who: str) -> None:
     p = policy(relay_allow="10.0.0.0/8,2001:db8:1::/48")
     grant = {
-        "authenticated": p.relay_grant("192.0.2.7", False, authenticated=True),
-        "allow-listed-ipv4": p.relay_grant("10.1.2.3", False),
-        "allow-listed-ipv6": p.relay_grant("2001:db8:1::5", False),
-        "relay-listener": p.relay_grant("192.0.2.7", True),
+        "authenticated": p.relay_grant("192.0.2.7", ListenerKind.SMTP, authenticated=True),
+        "allow-listed-ipv4": p.relay_grant("10.1.2.3", ListenerKind.SMTP),
+        "allow-listed-ipv6": p.relay_grant("2001:db8:1::5", ListenerKind.SMTP),
+        "relay-listener": p.relay_grant("192.0.2.7", ListenerKind.RELAY),
     }[who]
     verdict = decide(p, address, grant)
     assert verdict.action == fc.ACTION_FORWARD, verdict
@@ -219,7 +221,7 @@ def test_encapsulated_form_is_forwarded_for_a_client_that_may_relay(address: str
 @pytest.mark.parametrize("address", ENCAPSULATED.values(), ids=ENCAPSULATED.keys())
 def test_encapsulated_form_from_a_never_host_is_refused_as_relay_never(address: str) -> None:
     p = policy(relay_never="10.66.0.0/16")
-    grant = p.relay_grant("10.66.1.1", True, authenticated=True)
+    grant = p.relay_grant("10.66.1.1", ListenerKind.RELAY, authenticated=True)
     assert_refused(p, decide(p, address, grant), fc.RULE_RELAY_NEVER, "RELAY_NEVER")
 
 
@@ -337,7 +339,7 @@ class TestRelay:
 
     def test_foreign_domain_is_refused_without_a_grant(self) -> None:
         p = policy(relay_allow="10.0.0.0/8")
-        grant = p.relay_grant("192.0.2.7", listener_may_relay=False)
+        grant = p.relay_grant("192.0.2.7", ListenerKind.SMTP)
         assert grant == fc.GRANT_NONE
         verdict = decide(p, f"x@{FOREIGN}", grant)
         assert_refused(p, verdict, fc.RULE_RELAY_DENIED, "RELAY_DENIED")
@@ -347,18 +349,18 @@ class TestRelay:
 
     def test_foreign_domain_for_an_authenticated_client(self) -> None:
         p = policy()
-        grant = p.relay_grant("192.0.2.7", False, authenticated=True)
+        grant = p.relay_grant("192.0.2.7", ListenerKind.SMTP, authenticated=True)
         assert_forwarded(decide(p, f"x@{FOREIGN}", grant), fc.RULE_RELAY_AUTHENTICATED)
 
     @pytest.mark.parametrize("client", ["10.1.1.1", "10.255.255.255", "2001:db8::1", "2001:db8:ffff::9"])
     def test_foreign_domain_for_an_allow_listed_client(self, client: str) -> None:
         p = policy(relay_allow="10.0.0.0/8,2001:db8::/32")
-        assert_forwarded(decide(p, f"x@{FOREIGN}", p.relay_grant(client, False)), fc.RULE_RELAY_ALLOW_LIST)
+        assert_forwarded(decide(p, f"x@{FOREIGN}", p.relay_grant(client, ListenerKind.SMTP)), fc.RULE_RELAY_ALLOW_LIST)
 
     @pytest.mark.parametrize("client", ["11.0.0.1", "9.255.255.255", "2001:db9::1", "::1"])
     def test_foreign_domain_for_a_client_just_outside_the_allow_list(self, client: str) -> None:
         p = policy(relay_allow="10.0.0.0/8,2001:db8::/32")
-        verdict = decide(p, f"x@{FOREIGN}", p.relay_grant(client, False))
+        verdict = decide(p, f"x@{FOREIGN}", p.relay_grant(client, ListenerKind.SMTP))
         assert_refused(p, verdict, fc.RULE_RELAY_DENIED, "RELAY_DENIED")
 
     def test_trailing_at_from_an_authorized_client_is_decided_on_its_real_domain(self) -> None:
@@ -369,7 +371,7 @@ class TestRelay:
 
     def test_foreign_domain_on_a_relay_listener(self) -> None:
         p = policy()
-        grant = p.relay_grant("192.0.2.7", listener_may_relay=True)
+        grant = p.relay_grant("192.0.2.7", ListenerKind.RELAY)
         assert_forwarded(decide(p, f"x@{FOREIGN}", grant), fc.RULE_RELAY_LISTENER)
 
 
@@ -387,7 +389,7 @@ class TestNever:
 
     def test_a_never_host_may_still_deliver_to_local_recipients(self) -> None:
         p = policy(relay_never="10.66.0.0/16", local_domains=f"{LOCAL},dir.test", recipients="ken@dir.test")
-        grant = p.relay_grant("10.66.1.1", False)
+        grant = p.relay_grant("10.66.1.1", ListenerKind.SMTP)
         assert_forwarded(decide(p, f"user@{LOCAL}", grant), fc.RULE_LOCAL)
         assert_forwarded(decide(p, "ken@dir.test", grant), fc.RULE_LOCAL_DIRECTORY)
         assert_forwarded(decide(p, "postmaster", grant), fc.RULE_LOCAL)
@@ -419,14 +421,14 @@ class TestNoFalseRejects:
     @pytest.mark.parametrize("client", ["2001:db8::1", "2001:DB8:0:0::1", "2001:db8:ffff:ffff::1"])
     def test_ipv6_client_in_the_allow_list(self, client: str) -> None:
         p = policy(relay_allow="2001:db8::/32")
-        assert p.relay_grant(client, False) == fc.GRANT_ALLOW_LIST
-        assert_forwarded(decide(p, f"x@{FOREIGN}", p.relay_grant(client, False)), fc.RULE_RELAY_ALLOW_LIST)
+        assert p.relay_grant(client, ListenerKind.SMTP) == fc.GRANT_ALLOW_LIST
+        assert_forwarded(decide(p, f"x@{FOREIGN}", p.relay_grant(client, ListenerKind.SMTP)), fc.RULE_RELAY_ALLOW_LIST)
 
     @pytest.mark.parametrize("client", ["::ffff:10.1.2.3", "::FFFF:10.1.2.3"])
     def test_ipv4_mapped_client_matches_an_ipv4_prefix(self, client: str) -> None:
         p = policy(relay_allow="10.0.0.0/8")
-        assert p.relay_grant(client, False) == fc.GRANT_ALLOW_LIST
-        assert_forwarded(decide(p, f"x@{FOREIGN}", p.relay_grant(client, False)), fc.RULE_RELAY_ALLOW_LIST)
+        assert p.relay_grant(client, ListenerKind.SMTP) == fc.GRANT_ALLOW_LIST
+        assert_forwarded(decide(p, f"x@{FOREIGN}", p.relay_grant(client, ListenerKind.SMTP)), fc.RULE_RELAY_ALLOW_LIST)
 
     def test_null_sender(self) -> None:
         p = policy(sender_deny=f"{LOCAL},.test,bad.example")
@@ -484,7 +486,7 @@ class TestReplies:
         configured = Reply(550, "5.7.1", "No relaying here")
         assert refusal(p, decide(p, f"x@{FOREIGN}")).reply == configured
         assert refusal(p, decide(p, f"x%{FOREIGN}@{LOCAL}")).reply == configured
-        assert refusal(p, decide(p, f"x@{FOREIGN}", p.relay_grant("10.66.1.1", False))).reply == configured
+        assert refusal(p, decide(p, f"x@{FOREIGN}", p.relay_grant("10.66.1.1", ListenerKind.SMTP))).reply == configured
 
     def test_inheriting_replies_set_themselves_win(self) -> None:
         p = policy(
@@ -496,7 +498,7 @@ class TestReplies:
         assert refusal(p, decide(p, f"x@{FOREIGN}")).reply == Reply(550, "5.7.1", "No relaying here")
         assert refusal(p, decide(p, f"x%{FOREIGN}@{LOCAL}")).reply == Reply(
             553, "5.7.1", "No source routes or percent hacks")
-        never = p.relay_grant("10.66.1.1", False)
+        never = p.relay_grant("10.66.1.1", ListenerKind.SMTP)
         assert refusal(p, decide(p, f"x@{FOREIGN}", never)).reply == Reply(554, "5.7.1", "Never from you")
 
     def test_configured_unknown_user_reply(self) -> None:
@@ -525,7 +527,7 @@ class TestReplies:
             p.refusal_for(decide(p, f"x@{FOREIGN}")),
             p.refusal_for(decide(p, f"x%{FOREIGN}@{LOCAL}")),
             p.refusal_for(decide(p, f"bob@{LOCAL}")),
-            p.refusal_for(decide(p, f"x@{FOREIGN}", p.relay_grant("10.66.1.1", False))),
+            p.refusal_for(decide(p, f"x@{FOREIGN}", p.relay_grant("10.66.1.1", ListenerKind.SMTP))),
         ]
         for item in found:
             assert item is not None
@@ -549,11 +551,11 @@ class TestReload:
         new = policy(local_domains="other.test", relay_allow="192.0.2.0/24", reply_relay_denied="550 5.7.1 New")
         assert_forwarded(decide(old, f"u@{LOCAL}"), fc.RULE_LOCAL)
         assert_refused(old, decide(old, "u@other.test"), fc.RULE_RELAY_DENIED, "RELAY_DENIED")
-        assert old.relay_grant("10.1.1.1", False) == fc.GRANT_ALLOW_LIST
-        assert old.relay_grant("192.0.2.1", False) == fc.GRANT_NONE
+        assert old.relay_grant("10.1.1.1", ListenerKind.SMTP) == fc.GRANT_ALLOW_LIST
+        assert old.relay_grant("192.0.2.1", ListenerKind.SMTP) == fc.GRANT_NONE
         assert refusal(old, decide(old, f"u@{FOREIGN}")).reply == before
         assert_forwarded(decide(new, "u@other.test"), fc.RULE_LOCAL)
-        assert new.relay_grant("192.0.2.1", False) == fc.GRANT_ALLOW_LIST
+        assert new.relay_grant("192.0.2.1", ListenerKind.SMTP) == fc.GRANT_ALLOW_LIST
 
     def test_a_changed_list_file_reaches_only_the_new_policy(self, tmp_path: Path) -> None:
         listing = tmp_path / "recipients"

@@ -38,7 +38,9 @@ class Capabilities:
             dsn="DSN" in keywords,
         )
 
-    def ehlo_keywords(self) -> list[str]:
+    def ehlo_keywords(self, starttls: bool = False) -> list[str]:
+        """Our keywords; STARTTLS is the proxy's own (offered before TLS only, RFC 3207 §4.2),
+        never passed through from the backend."""
         keywords = ["PIPELINING", f"SIZE {self.max_message_size}"]
         if self.eightbitmime:
             keywords.append("8BITMIME")
@@ -47,10 +49,12 @@ class Capabilities:
         if self.dsn:
             keywords.append("DSN")
         keywords.append("ENHANCEDSTATUSCODES")
+        if starttls:
+            keywords.append("STARTTLS")
         return keywords
 
-    def ehlo_reply(self, hostname: str) -> bytes:
-        return _ehlo_reply(hostname, self)
+    def ehlo_reply(self, hostname: str, starttls: bool = False) -> bytes:
+        return _ehlo_reply(hostname, self, starttls)
 
     def check_mail_params(self, params: dict[str, str | None], esmtp: bool) -> r.Reply | None:
         """Refuse any MAIL parameter we did not offer (RFC 5321 §4.1.1.11: 555)."""
@@ -87,6 +91,6 @@ class Capabilities:
 
 
 @functools.lru_cache(maxsize=16)
-def _ehlo_reply(hostname: str, capabilities: Capabilities) -> bytes:
+def _ehlo_reply(hostname: str, capabilities: Capabilities, starttls: bool) -> bytes:
     """The EHLO reply; every session of one configuration sends the same bytes."""
-    return r.multiline(250, [hostname, *capabilities.ehlo_keywords()])
+    return r.multiline(250, [hostname, *capabilities.ehlo_keywords(starttls)])

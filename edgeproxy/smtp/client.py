@@ -14,6 +14,8 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
+from edgeproxy.reply import Reply
+from edgeproxy.smtp import replies as r
 from edgeproxy.smtp.events import Command
 from edgeproxy.smtp.replyparser import ReplyError, ReplyParser, reply_lines
 
@@ -28,11 +30,14 @@ class Own(enum.Enum):
     HELO = "HELO"
     XCLIENT = "XCLIENT"
     RSET = "RSET"
+    STARTTLS = "STARTTLS"
 
 
 # RFC 2920 §3.1: a command that changes the session, or whose reply the rest depends on, must end
 # a pipeline group (EXPN by name; ETRN as an extension command that does not say otherwise).
-_SYNC_POINTS = frozenset((Own.GREETING, Own.EHLO, Own.HELO, Own.XCLIENT, Command.DATA, Command.EXPN, Command.ETRN))
+_SYNC_POINTS = frozenset((Own.GREETING, Own.EHLO, Own.HELO, Own.XCLIENT, Own.STARTTLS, Command.DATA, Command.EXPN,
+                          Command.ETRN))
+TLS_MODES = ("no", "opportunistic", "required")
 _TRANSACTION_COMMANDS = frozenset((Command.MAIL, Command.RCPT, Command.DATA))
 
 
@@ -59,22 +64,30 @@ class BackendClient:
         "announced",
         "failure",
         "failure_code",
+        "failure_reply",
         "hostname",
         "in_transaction",
         "keywords",
         "pipelining",
         "ready",
+        "tls_active",
+        "tls_mode",
+        "tls_wanted",
         "use_xclient",
         "xclient_attributes",
         "xclient_refused",
     )
 
-    def __init__(self, hostname: str, use_xclient: bool = True) -> None:
+    def __init__(self, hostname: str, use_xclient: bool = True, tls_mode: str = "no") -> None:
         self.hostname = hostname
         self.use_xclient = use_xclient
+        self.tls_mode = tls_mode  # STARTTLS to the backend: "no", "opportunistic" or "required"
+        self.tls_wanted = False  # the backend said 220 to STARTTLS: the I/O layer does the handshake
+        self.tls_active = False
         self.ready = False  # greeted and EHLO (or HELO) done: the owner's commands may go
         self.failure: str | None = None  # set once the connection is unusable
         self.failure_code: int | None = None  # the backend's reply code that made it so, if any
+        self.failure_reply: Reply | None = None  # what the owner should hear, when not the default
         self.keywords: list[str] | None = None  # the backend's EHLO keywords, greeting line excluded
         self.pipelining = False
         self.xclient_attributes: frozenset[str] = frozenset()
@@ -215,10 +228,19 @@ class BackendClient:
                 self._fail(f"{kind.value} refused with {code}", code)
                 return
             if kind is Own.EHLO and not self.ready:
-                # Only the first EHLO's: the one after an XCLIENT describes the same server, and
-                # a backend that stopped listing XCLIENT there must not stop the announcements.
+                # Only the handshake's EHLO: the one after an XCLIENT describes the same server,
+                # and a backend that stopped listing XCLIENT there must not stop announcements.
                 self._learn(reply_lines(raw)[1:])
+                if self._start_tls():
+                    return
             self.ready = True
+        elif kind is Own.STARTTLS:
+            if code == 220:
+                self.tls_wanted = True
+            elif self.tls_mode == "required":
+                self._fail(f"STARTTLS refused with {code}", code, r.BACKEND_TLS_FAILED)
+            else:
+                self.ready = True  # opportunistic: on in plaintext
         elif kind is Own.XCLIENT:
             # Postfix answers with a new greeting (220), other servers with 250: both took it.
             if 200 <= code < 300:
@@ -274,10 +296,35 @@ class BackendClient:
         self._announcement_taken = False
         self.announced = identity
 
-    def _fail(self, reason: str, code: int | None = None) -> None:
+    def _start_tls(self) -> bool:
+        """After the first EHLO: ask for TLS when the mode wants it; True when the handshake
+        goes on (STARTTLS sent, or the connection failed for want of it)."""
+        if self.tls_mode == "no" or self.tls_active:
+            return False
+        if self.keywords is not None and any(line.upper().split(" ", 1)[0] == "STARTTLS" for line in self.keywords):
+            self._write_now(Own.STARTTLS, b"STARTTLS\r\n")
+            return True
+        if self.tls_mode == "required":
+            self._fail("STARTTLS required, and the backend does not offer it", None, r.BACKEND_TLS_FAILED)
+            return True
+        return False
+
+    def tls_started(self) -> None:
+        """The I/O layer finished the handshake: RFC 3207 §4.2, start over with EHLO."""
+        self.tls_wanted = False
+        self.tls_active = True
+        self.keywords = None
+        self._write_now(Own.EHLO, f"EHLO {self.hostname}\r\n".encode())
+
+    def tls_failed(self, reason: str) -> None:
+        self.tls_wanted = False
+        self._fail(f"TLS handshake failed: {reason}", None, r.BACKEND_TLS_FAILED)
+
+    def _fail(self, reason: str, code: int | None = None, reply: Reply | None = None) -> None:
         if self.failure is None:
             self.failure = reason
             self.failure_code = code
+            self.failure_reply = reply
 
 
 def xtext(value: str) -> str:

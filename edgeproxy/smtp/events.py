@@ -61,6 +61,22 @@ class BackendRelease(Event):
 
 
 @dataclass(slots=True)
+class StartTls(Event):
+    """The client was told 220 to STARTTLS: once that reply is written, the I/O layer performs
+    the server-side handshake and calls :meth:`SmtpSession.tls_started`. Until then the session
+    reads nothing (RFC 3207 §4.2: what came after the command is discarded, never interpreted)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsInfo:
+    """What the handshake agreed, for the trace header and the log."""
+
+    version: str  # "TLSv1.3"
+    cipher: str
+    bits: int
+
+
+@dataclass(slots=True)
 class Refused(Event):
     """One policy or protocol refusal, for the RFC 2505 §2.4 log line."""
 

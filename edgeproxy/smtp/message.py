@@ -14,6 +14,7 @@ from edgeproxy import fastpath_common as fc
 from edgeproxy.fastpath import DataScanner, ParsedPath
 from edgeproxy.reply import Reply
 from edgeproxy.smtp import replies as r
+from edgeproxy.smtp.events import TlsInfo
 
 # Body faults, in the scanner's own order of precedence; too-big is the policy's reply.
 _BODY_FAULTS: dict[int, tuple[str, Reply]] = {
@@ -54,7 +55,7 @@ def body_fault(violation: int, too_big: Reply) -> tuple[str, Reply]:
 
 
 def received_header(*, helo: str | None, client_address: str, hostname: str, esmtp: bool,
-                    transaction: Transaction, session_id: str, now: float) -> bytes:
+                    transaction: Transaction, session_id: str, now: float, tls: TlsInfo | None = None) -> bytes:
     """The RFC 5321 §4.4 trace header naming the real client.
 
     Only the HELO argument comes from the client; the session has refused control characters in
@@ -67,10 +68,14 @@ def received_header(*, helo: str | None, client_address: str, hostname: str, esm
         protocol = "UTF8SMTP"
     elif not shown_helo.isascii():
         shown_helo = shown_helo.encode("ascii", "backslashreplace").decode("ascii")
+    using = ""
+    if tls is not None:
+        protocol += "S"  # RFC 3848
+        using = f"\r\n\t(using {tls.version} with cipher {tls.cipher} ({tls.bits}/{tls.bits} bits))"
     addresses = transaction.recipient_addresses
     recipient = f"\r\n\tfor <{addresses[0]}>" if len(addresses) == 1 else ""
     header = (
-        f"Received: from {shown_helo} ([{client_address}])\r\n"
+        f"Received: from {shown_helo} ([{client_address}]){using}\r\n"
         f"\tby {hostname} (edgeproxy) with {protocol} id {session_id}{recipient};\r\n"
         f"\t{_rfc5322_date(int(now))}\r\n"
     )

@@ -20,6 +20,7 @@ VRFY_CANNOT = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and
 HELP = Reply(214, "2.0.0", "See RFC 5321; commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+STARTTLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
 
 # -- protocol errors (RFC 5321 §4.2.2, §4.3.2) --------------------------------------------------
 UNRECOGNIZED = Reply(500, "5.5.2", "Command unrecognized")
@@ -46,6 +47,8 @@ PARAMETER_BAD = Reply(501, "5.5.4", "Bad MAIL/RCPT parameter")
 SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
 SMTPUTF8_NOT_OFFERED = Reply(555, "5.6.7", "SMTPUTF8 was not offered")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+MUST_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+ALREADY_TLS = Reply(503, "5.5.1", "TLS already active")
 EARLY_TALKER = Reply(554, "5.5.0", "Talking before the greeting; goodbye")
 # The fast path says why a command line is unreadable; this is what the client hears.
 FOR_COMMAND_FAULT = {
@@ -69,6 +72,7 @@ SESSION_TIMEOUT = Reply(421, "4.4.2", "Session time limit exceeded, closing conn
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 BACKEND_UNAVAILABLE = Reply(451, "4.4.1", "Mail server temporarily unavailable, try again later")
 BACKEND_UNAVAILABLE_CLOSING = Reply(421, "4.4.1", "Mail server temporarily unavailable, closing connection")
+BACKEND_TLS_FAILED = Reply(451, "4.7.5", "Cannot secure the connection to the mail server, try again later")
 BACKEND_BUSY = Reply(451, "4.3.2", "Mail server busy, try again later")
 BACKEND_FAILED_DATA = Reply(451, "4.4.2", "Mail server connection lost, message not accepted; try again")
 LOCAL_ERROR = Reply(421, "4.3.0", "Local error, closing connection")

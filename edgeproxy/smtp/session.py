@@ -15,7 +15,6 @@ client reads), excess recipients (``recipient_overshoot``), errors (``max_errors
 
 from __future__ import annotations
 
-import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,10 +22,12 @@ from typing import ClassVar
 
 from edgeproxy import fastpath_common as fc
 from edgeproxy.fastpath import DataScanner, ParsedPath, ParseError, parse_command, parse_mail_from
+from edgeproxy.listener import ListenerKind
 from edgeproxy.reply import Reply
 from edgeproxy.smtp import events as ev
 from edgeproxy.smtp import replies as r
 from edgeproxy.smtp.capabilities import Capabilities
+from edgeproxy.smtp.commands import SessionCommands
 from edgeproxy.smtp.events import Command
 from edgeproxy.smtp.interface import SessionLimits, SessionPolicy
 from edgeproxy.smtp.message import Transaction, body_fault, command_line, received_header
@@ -35,16 +36,13 @@ from edgeproxy.smtp.state import OUT_OF_SEQUENCE, TRANSACTION_STATES, State
 
 __all__ = ["SessionLimits", "SessionPolicy", "SmtpSession", "State"]
 
-# C0, DEL and C1: a HELO carrying them would reach terminals, the backend and the trace header.
-_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
-_ARGUMENT_SEPARATOR = re.compile("[ \t]+")
 
 
-class SmtpSession:
+class SmtpSession(SessionCommands):
     __slots__ = ("_backend_failure", "_backend_mail_refusal", "_clock", "_ending", "_events", "_expected", "_input",
                  "_pipeline_full", "_skipping_line", "_slots", "_txn",
-                 "capabilities", "client_address", "esmtp", "grant", "helo", "limits", "policy", "progress",
-                 "session_id", "state", "stats")
+                 "capabilities", "client_address", "esmtp", "grant", "helo", "limits", "listener", "policy",
+                 "progress", "session_id", "state", "stats", "tls")
 
     def __init__(
         self,
@@ -55,6 +53,7 @@ class SmtpSession:
         grant: int,
         session_id: str = "",
         clock: Callable[[], float] | None = None,
+        listener: ListenerKind = ListenerKind.SMTP,
     ) -> None:
         self.limits = limits
         self.policy = policy
@@ -62,6 +61,8 @@ class SmtpSession:
         self.client_address = client_address
         self.grant = grant
         self.session_id = session_id
+        self.listener = listener
+        self.tls: ev.TlsInfo | None = None  # set by tls_started: what the handshake agreed
         self._clock = clock or time.time
         self.state = State.GREETING
         self.helo: str | None = None
@@ -88,13 +89,24 @@ class SmtpSession:
         return f"220 {self.limits.hostname} ESMTP edgeproxy\r\n".encode()
 
     def receive_data(self, data: bytes) -> None:
-        if self.state is State.CLOSED:
-            return
+        if self.state is State.CLOSED or self.state is State.TLS:
+            return  # after 220 to STARTTLS nothing is interpreted (RFC 3207 §4.2, CVE-2011-0411)
         if self.state is State.GREETING:
             self._finish(r.EARLY_TALKER)
             return
         self._input += data
         self._process()
+
+    def tls_started(self, info: ev.TlsInfo) -> None:
+        """The handshake is done (after STARTTLS, or first thing on an implicit-TLS listener).
+        RFC 3207 §4.2: everything learnt from the client before is forgotten; it greets again."""
+        self.tls = info
+        self.helo = None
+        self.esmtp = False
+        self._txn = Transaction()
+        self._input.clear()
+        if self.state is State.TLS:
+            self.state = State.CONNECTED
 
     def resume(self) -> None:
         """Interpret input held back by the pipeline bound, once the client took its replies."""
@@ -272,30 +284,9 @@ class SmtpSession:
 
     # -- commands ------------------------------------------------------------------------------
 
-    def _helo(self, arg: str, esmtp: bool) -> None:
-        words = _ARGUMENT_SEPARATOR.split(arg.strip(" \t"), 1)
-        if not words[0]:
-            self._error(r.HELO_NEEDS_DOMAIN)
-            return
-        if _CONTROL_CHARACTERS.search(words[0]):
-            self._error(r.HELO_BAD_CHARACTERS)
-            return
-        self._abandon_transaction()
-        self.helo = words[0]
-        self.esmtp = esmtp
-        self.state = State.READY
-        if not esmtp:
-            self._reply(f"250 {self.limits.hostname}\r\n".encode())
-            return
-        self._reply(self.capabilities.ehlo_reply(self.limits.hostname))
-
-    def _ehlo_command(self, arg: str) -> None:
-        self._helo(arg, True)
-
-    def _helo_command(self, arg: str) -> None:
-        self._helo(arg, False)
-
     def _mail_command(self, arg: str) -> None:
+        if self._tls_missing():
+            return
         try:
             path = parse_mail_from(arg)
         except ParseError as error:
@@ -377,48 +368,17 @@ class SmtpSession:
             self.state = State.READY
         self._reply(r.RESET_OK)
 
-    def _noop_command(self, arg: str) -> None:
-        self._reply(r.OK)
-
-    def _quit_command(self, arg: str) -> None:
-        self._finish(r.CLOSING)
-
-    def _help_command(self, arg: str) -> None:
-        self._reply(r.HELP)
-
-    def _vrfy_command(self, arg: str) -> None:
-        # RFC 2505 §2.11: never confirm addresses to a stranger; 252 keeps clients happy.
-        self._error(r.SYNTAX_ERROR) if not arg else self._reply(r.VRFY_CANNOT)
-
-    def _expn_command(self, arg: str) -> None:
-        self._pass_through(Command.EXPN if self.limits.enable_expn else None, arg)
-
-    def _etrn_command(self, arg: str) -> None:
-        self._pass_through(Command.ETRN if self.limits.enable_etrn else None, arg)
-
-    def _not_implemented(self, arg: str) -> None:
-        self._error(r.NOT_IMPLEMENTED)
-
-    def _pass_through(self, command: Command | None, arg: str) -> None:
-        if command is None:
-            self._error(r.NOT_IMPLEMENTED)
-        elif not arg:
-            self._error(r.SYNTAX_ERROR)
-        elif self.in_transaction:
-            self._error(r.BAD_SEQUENCE)
-        else:
-            self._send(command, f"{command.value} {arg}\r\n".encode(), self._reply())
-
     _HANDLERS: ClassVar[dict[str, Callable[[SmtpSession, str], None]]] = {
-        "EHLO": _ehlo_command, "HELO": _helo_command, "MAIL": _mail_command, "RCPT": _rcpt_command,
-        "DATA": _data_command, "RSET": _rset_command, "NOOP": _noop_command, "QUIT": _quit_command,
-        "HELP": _help_command, "VRFY": _vrfy_command, "EXPN": _expn_command, "ETRN": _etrn_command,
-        # Not offered: TURN never (RFC 2505 §2.11), STARTTLS and AUTH until TLS is built, BDAT
-        # because CHUNKING is not advertised.
-        "TURN": _not_implemented,
-        "STARTTLS": _not_implemented,
-        "AUTH": _not_implemented,
-        "BDAT": _not_implemented,
+        "EHLO": SessionCommands._ehlo_command, "HELO": SessionCommands._helo_command, "MAIL": _mail_command,
+        "RCPT": _rcpt_command, "DATA": _data_command, "RSET": _rset_command, "NOOP": SessionCommands._noop_command,
+        "QUIT": SessionCommands._quit_command, "HELP": SessionCommands._help_command,
+        "VRFY": SessionCommands._vrfy_command, "EXPN": SessionCommands._expn_command,
+        "ETRN": SessionCommands._etrn_command, "STARTTLS": SessionCommands._starttls_command,
+        # Not offered: TURN never (RFC 2505 §2.11), AUTH until it is built, BDAT because
+        # CHUNKING is not advertised.
+        "TURN": SessionCommands._not_implemented,
+        "AUTH": SessionCommands._not_implemented,
+        "BDAT": SessionCommands._not_implemented,
     }
 
     # -- the body ------------------------------------------------------------------------------
@@ -430,7 +390,7 @@ class SmtpSession:
         if self.limits.received_header:
             header = received_header(
                 helo=self.helo, client_address=self.client_address, hostname=self.limits.hostname,
-                esmtp=self.esmtp, transaction=txn, session_id=self.session_id, now=self._clock(),
+                esmtp=self.esmtp, transaction=txn, session_id=self.session_id, now=self._clock(), tls=self.tls,
             )
             self._events.append(ev.BackendSend(Command.BODY, header))
 

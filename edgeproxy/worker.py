@@ -1,0 +1,106 @@
+"""What every connection of one worker shares: settings, policy, limits, TLS contexts, the
+backend pool, and the set of live sessions (for draining). Swapped parts are swapped whole."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import ssl
+
+from edgeproxy import tls
+from edgeproxy.backend import BackendPool
+from edgeproxy.config import Settings
+from edgeproxy.limits import ConnectionLimiter
+from edgeproxy.listener import ListenerKind
+from edgeproxy.policy import Policy
+from edgeproxy.server import ClientProtocol
+from edgeproxy.smtp.capabilities import Capabilities
+from edgeproxy.smtp.session import SessionLimits
+
+_session_ids = itertools.count(1)
+
+
+class ServerState:
+    """What every connection of one worker shares. ``policy`` is swapped whole on reload."""
+
+    def __init__(self, settings: Settings, backend: tuple[str, int]) -> None:
+        self.settings = settings
+        self.policy = Policy(settings)
+        self.tls_context = _server_tls(settings)
+        self.limits = SessionLimits(
+            hostname=settings.hostname,
+            max_line_length=settings.max_line_length,
+            max_body_line_length=settings.max_body_line_length,
+            max_errors=settings.max_errors,
+            received_header=settings.received_header,
+            enable_expn=settings.enable_expn,
+            enable_etrn=settings.enable_etrn,
+            max_pending_input=settings.max_pending_input,
+            max_pipeline=settings.max_pipeline,
+            recipient_overshoot=settings.recipient_overshoot_limit,
+            starttls=self.tls_context is not None,
+        )
+        self.limiter = ConnectionLimiter(
+            settings.max_connections, settings.max_connections_per_ip, settings.connection_rate
+        )
+        self.pool = BackendPool(
+            backend[0],
+            backend[1],
+            hostname=settings.hostname,
+            # The budget is the backend's protection, so the workers split it.
+            budget=max(1, settings.backend_max_connections // settings.workers),
+            queue_timeout=settings.backend_queue_timeout,
+            idle_timeout=settings.backend_idle_timeout,
+            connect_timeout=settings.backend_connect_timeout,
+            reply_timeout=settings.backend_timeout,
+            retry_interval=settings.backend_retry_interval,
+            use_xclient=settings.xclient,
+            tls_mode=settings.backend_tls,
+            tls_context=None if settings.backend_tls == "no" else tls.backend_context(
+                settings.backend_verify, settings.backend_tls_ca),
+        )
+        self.sessions: set[ClientProtocol] = set()
+        self.draining = False
+        self.drained = asyncio.Event()
+        self._capabilities_for: list[str] | None = None
+        self._capabilities = Capabilities.negotiate(settings.max_message_size, None)
+        self._id_prefix = f"{os.getpid():x}"
+
+    def capabilities(self) -> Capabilities:
+        keywords = self.pool.keywords
+        if keywords is not self._capabilities_for:
+            self._capabilities = Capabilities.negotiate(self.settings.max_message_size, keywords)
+            self._capabilities_for = keywords
+        return self._capabilities
+
+    def new_session_id(self) -> str:
+        return f"{self._id_prefix}{next(_session_ids):06x}"
+
+    def reload(self, settings: Settings) -> None:
+        """New lists, directories and certificate for new sessions; sessions in progress keep
+        theirs. Raises ValueError (the old state stays) when the new certificate will not load."""
+        context = _server_tls(settings)
+        self.policy = Policy(settings)
+        if context is not None:
+            self.tls_context = context
+
+    def drain(self) -> None:
+        self.draining = True
+        for session in list(self.sessions):
+            session.drain()
+        if not self.sessions:
+            self.drained.set()
+
+    def abort_all(self) -> None:
+        for session in list(self.sessions):
+            session.abort()
+
+    def protocol_factory(self, listener: ListenerKind):
+        return lambda: ClientProtocol(self, listener)
+
+
+def _server_tls(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.tls_cert:
+        return None
+    return tls.server_context(settings.tls_cert, settings.tls_key, settings.tls_min_version)
