@@ -103,6 +103,16 @@ class ProxyThread:
             asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
             self._thread.join(10)
 
+    def quiet(self) -> bool:
+        """No session is open and no backend connection is in use: whatever was forwarded has
+        been answered, so nothing more can reach the backend. The event negative checks wait for."""
+        state = self.state
+        assert state is not None
+        return not state.sessions and state.pool.open_count == state.pool.idle_count
+
+    def wait_quiet(self, timeout: float = 10) -> None:
+        assert wait_for(self.quiet, timeout), "the proxy did not go quiet"
+
     def client(self, relay_listener: bool = False, timeout: float = 10) -> smtplib.SMTP:
         return smtplib.SMTP("127.0.0.1", self.relay_port if relay_listener else self.port, timeout=timeout)
 

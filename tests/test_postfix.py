@@ -58,6 +58,6 @@ def test_smuggling_never_becomes_a_second_message_in_postfix(make_proxy, real_po
         r.BODY_BARE_LINE_END.encode()
     )
     client.close()
-    time.sleep(1)
+    proxy.wait_quiet()
     assert real_postfix.messages() == []
     assert "evil@attacker.test" not in real_postfix.log_text()

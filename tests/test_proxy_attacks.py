@@ -76,7 +76,7 @@ def test_smtp_smuggling_never_reaches_the_backend_as_two_messages(make_proxy, fa
         assert final == r.BODY_BARE_LINE_END.encode()
         assert client.command(b"QUIT\r\n").startswith(b"221")
         client.close()
-        time.sleep(0.2)
+        proxy.wait_quiet()
         assert backend.messages == []
         assert not any(b"evil@attacker.test" in line for line in backend.commands)
 
@@ -86,7 +86,7 @@ def test_bare_cr_in_body_refuses_the_message(make_proxy, sink) -> None:
     client = start_message(proxy.port)
     assert client.command(b"Subject: x\r\n\r\nab\rcd\r\n.\r\n") == r.BODY_BARE_LINE_END.encode()
     client.close()
-    time.sleep(0.2)
+    proxy.wait_quiet()
     assert sink.messages == []
 
 
@@ -108,7 +108,7 @@ def test_over_long_body_line_refuses_the_message(make_proxy, sink) -> None:
     client = start_message(proxy.port)
     assert client.command(b"x" * 1200 + b"\r\n.\r\n") == r.BODY_LINE_TOO_LONG.encode()
     client.close()
-    time.sleep(0.2)
+    proxy.wait_quiet()
     assert sink.messages == []
 
 
@@ -120,7 +120,7 @@ def test_message_over_the_size_limit_is_refused_and_not_delivered(make_proxy, si
     client.sock.sendall((b"z" * 78 + b"\r\n") * 60 + b".\r\n")
     assert client.read_reply() == POLICY_DEFAULTS["MESSAGE_TOO_BIG"].encode()
     client.close()
-    time.sleep(0.2)
+    proxy.wait_quiet()
     assert sink.messages == []
 
 

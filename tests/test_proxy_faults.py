@@ -62,7 +62,7 @@ def test_backend_closing_mid_data_gives_451_and_nothing_is_delivered(make_proxy)
             assert client.command(command).startswith(expected)
         client.close()
         assert wait_for(lambda: len(backend.messages) >= 1)
-        time.sleep(0.1)
+        proxy.wait_quiet()
         assert delivered_numbers(backend) == [2]
 
 
@@ -89,7 +89,7 @@ def test_client_vanishing_mid_data_delivers_nothing(make_proxy) -> None:
         with proxy.client() as good:
             good.sendmail("a@b.test", ["u@example.test"], numbered(2))
         assert wait_for(lambda: len(backend.messages) == 1)
-        time.sleep(0.2)
+        proxy.wait_quiet()
         assert delivered_numbers(backend) == [2]
 
 
@@ -108,7 +108,7 @@ def test_many_messages_arrive_exactly_once(make_proxy, sink, pipelining: bool) -
                     continue
                 accepted.append(number)
         assert wait_for(lambda: len(backend.messages) == len(accepted))
-        time.sleep(0.1)
+        proxy.wait_quiet()
         assert delivered_numbers(backend) == accepted
 
 
