@@ -19,6 +19,24 @@ from libc.string cimport memchr, memcpy
 
 cdef extern from *:
     """
+    /* The first LF or NUL octet at or after p. The buffer must hold a NUL octet after its data,
+       as those of bytes and bytearray objects do (their C API guarantees one): that NUL stops
+       the search at the end. strchrnul is libc's vectorised scan for a byte or NUL (glibc, musl,
+       FreeBSD); elsewhere a plain loop does the same. */
+    static inline const unsigned char* edgeproxy_lf_or_nul(const unsigned char* p) {
+    #if defined(__linux__) || defined(__FreeBSD__)
+        return (const unsigned char*) strchrnul((const char*) p, '\\n');
+    #else
+        while (*p != '\\n' && *p != 0) p++;
+        return p;
+    #endif
+    }
+    """
+    const unsigned char* _lf_or_nul "edgeproxy_lf_or_nul"(const unsigned char* p) noexcept
+
+
+cdef extern from *:
+    """
     /* A 5-field NamedTuple instance, made as CPython's tuple_subtype_new makes one (tp_alloc,
        then the items), without a Python-level call to tuple.__new__ per result: that call was
        a third of the cost of a whole RCPT verdict. */
@@ -85,6 +103,7 @@ cdef enum:
     VIOLATION_BARE_LF = 2
     VIOLATION_LINE_TOO_LONG = 3
     VIOLATION_TOO_BIG = 4
+    VIOLATION_NUL = 5
     MAX_LOCAL_PART = 64
     MAX_DOMAIN = 255
     MAX_LABEL = 63
@@ -101,7 +120,8 @@ if (
         _common.RULE_ENCAPSULATED, _common.RULE_UNKNOWN_USER, _common.RULE_RELAY_NEVER,
         _common.RULE_RELAY_DENIED) != tuple(range(10))
     or (_common.VIOLATION_NONE, _common.VIOLATION_BARE_CR, _common.VIOLATION_BARE_LF,
-        _common.VIOLATION_LINE_TOO_LONG, _common.VIOLATION_TOO_BIG) != (0, 1, 2, 3, 4)
+        _common.VIOLATION_LINE_TOO_LONG, _common.VIOLATION_TOO_BIG,
+        _common.VIOLATION_NUL) != (0, 1, 2, 3, 4, 5)
     or (_common.MAX_LOCAL_PART, _common.MAX_DOMAIN, _common.MAX_LABEL, _common.MAX_PATH) != (64, 255, 63, 256)
     # edgeproxy_tuple5 relies on both result types being plain 5-field tuple subclasses.
     or ParsedPath.__mro__[1] is not tuple or len(ParsedPath._fields) != 5 or ParsedPath.__slots__ != ()
@@ -735,6 +755,7 @@ cdef class DataScanner:
 
     def feed(self, data):
         """Scan ``data``; return the index just past the end marker, or -1 if it is not in it."""
+        # Both buffers hold a NUL octet after their data, which _feed relies on.
         if type(data) is bytes:
             return self._feed(<const unsigned char*> PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
         if type(data) is bytearray:
@@ -743,8 +764,10 @@ cdef class DataScanner:
 
     cdef Py_ssize_t _feed(self, const unsigned char* buffer, Py_ssize_t length) noexcept:
         cdef Py_ssize_t position = 0, stop
-        # The next LF at or after ``position``, kept between lines: searching the rest of the
-        # chunk again for every CR would be quadratic on a body of bare CRs (the twin is).
+        # The next LF or NUL at or after ``position`` (the twin's nearer of next_newline and
+        # next_nul), kept until the scan passes it: searching again from every CR would rescan
+        # the rest of the line at each bare CR, quadratic on a run of them. ``buffer`` ends with
+        # a NUL octet past ``length`` (see feed), so the search stops at ``length`` at the latest.
         cdef Py_ssize_t newline = -1
         cdef const unsigned char* found
         while position < length:
@@ -763,8 +786,7 @@ cdef class DataScanner:
                 self._note(VIOLATION_BARE_CR)
                 self._grow(1)
             if newline < position:
-                found = <const unsigned char*> memchr(buffer + position, 10, length - position)
-                newline = (found - buffer) if found != NULL else length
+                newline = _lf_or_nul(buffer + position) - buffer
             found = <const unsigned char*> memchr(buffer + position, 13, newline - position)
             stop = (found - buffer) if found != NULL else newline
             if stop > position:
@@ -778,8 +800,9 @@ cdef class DataScanner:
             if buffer[stop] == 13:
                 self._after_cr = True
             else:
-                # A bare LF ends no line: the "." after it must not start an end marker.
-                self._note(VIOLATION_BARE_LF)
+                # A bare LF ends no line: the "." after it must not start an end marker. A NUL
+                # counts in the line as any other octet, so "\x00." is no end marker either.
+                self._note(VIOLATION_BARE_LF if buffer[stop] == 10 else VIOLATION_NUL)
                 self._grow(1)
         self.size += length
         if self.size - 3 > self.max_size:  # the twin's size > max_size + 3, without overflow

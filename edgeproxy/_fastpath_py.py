@@ -57,6 +57,7 @@ from edgeproxy.fastpath_common import (
     VIOLATION_BARE_LF,
     VIOLATION_LINE_TOO_LONG,
     VIOLATION_NONE,
+    VIOLATION_NUL,
     VIOLATION_TOO_BIG,
     ParsedPath,
     ParseError,
@@ -505,8 +506,10 @@ class DataScanner:
 
     Only ``CRLF . CRLF`` ends the body: a bare CR or LF is a violation, never a line end, so no
     "\\n.\\r\\n" trick can end the message here while the backend sees it go on (or the
-    reverse). The scan starts just after the ``DATA`` command line, at the start of a line.
-    The first violation seen is kept; scanning goes on to find the end marker all the same.
+    reverse). A NUL octet anywhere is a violation too: a backend that drops NULs would read a
+    line "\\x00." as the end marker. The scan starts just after the ``DATA`` command line, at
+    the start of a line. The first violation seen is kept; scanning goes on to find the end
+    marker all the same, and a NUL counts in the line length and the size as any other octet.
     """
 
     def __init__(self, max_line_length: int, max_size: int) -> None:
@@ -522,7 +525,10 @@ class DataScanner:
         """Scan ``data``; return the index just past the end marker, or -1 if it is not in it."""
         position = 0
         length = len(data)
-        next_newline = -1  # remembered, so that a run of bare CRs does not rescan for the LF
+        # The next LF and the next NUL at or after ``position``, kept between stops: searching the
+        # rest of the chunk again at every CR (or NUL) would be quadratic on a run of them.
+        next_newline = -1
+        next_nul = -1
         while position < length:
             if self._after_cr:
                 self._after_cr = False
@@ -542,8 +548,13 @@ class DataScanner:
                 next_newline = data.find(b"\n", position)
                 if next_newline < 0:
                     next_newline = length
-            carriage = data.find(b"\r", position, next_newline)
-            stop = carriage if carriage >= 0 else next_newline
+            if next_nul < position:
+                next_nul = data.find(b"\x00", position)
+                if next_nul < 0:
+                    next_nul = length
+            bound = next_newline if next_newline < next_nul else next_nul
+            carriage = data.find(b"\r", position, bound)
+            stop = carriage if carriage >= 0 else bound
             if stop > position:
                 if self._line_length == 0 and data[position] == 46:
                     self._starts_with_dot = True
@@ -552,11 +563,13 @@ class DataScanner:
             if stop == length:
                 break
             position += 1
-            if data[stop] == 13:
+            octet = data[stop]
+            if octet == 13:
                 self._after_cr = True
             else:
-                # A bare LF ends no line: the "." after it must not start an end marker.
-                self._violate(VIOLATION_BARE_LF)
+                # A bare LF ends no line: the "." after it must not start an end marker. A NUL
+                # counts in the line as any other octet, so "\x00." is no end marker either.
+                self._violate(VIOLATION_BARE_LF if octet == 10 else VIOLATION_NUL)
                 self._grow_line(1)
         self.size += length
         if self.size > self.max_size + 3:

@@ -413,12 +413,135 @@ class TestDataScanner:
     def test_bytearray_chunks(self, fp) -> None:
         assert scan(fp, [bytearray(b"a\r\n"), bytearray(b".\r\n")]) == (6, fc.VIOLATION_NONE, 3)
 
+    # A NUL octet anywhere is a violation: a backend that strips NULs would read "\x00." or
+    # ".\x00" between CRLFs as the end of data and the rest as commands (SMTP smuggling).
+    NUL_BODIES = (
+        (b"\x00abc\r\n.\r\n", fc.VIOLATION_NUL),  # at the start of the body (a line start)
+        (b"a\r\n\x00bc\r\n.\r\n", fc.VIOLATION_NUL),  # at the start of a line
+        (b"a\x00b\r\n.\r\n", fc.VIOLATION_NUL),  # mid-line
+        (b"ab\x00\r\n.\r\n", fc.VIOLATION_NUL),  # just before the CRLF
+        (b"a\r\n\x00\r\n.\r\n", fc.VIOLATION_NUL),  # a line of one NUL
+        (b"\x00\x00\x00\r\n.\r\n", fc.VIOLATION_NUL),
+        (b"a\x00b\rc\r\n.\r\n", fc.VIOLATION_NUL),  # NUL before a bare CR: the first seen is kept
+        (b"a\rb\x00c\r\n.\r\n", fc.VIOLATION_BARE_CR),  # and after one
+        (b"a\r\x00\r\n.\r\n", fc.VIOLATION_BARE_CR),  # the CR right before the NUL is bare
+        (b"a\x00\rb\r\n.\r\n", fc.VIOLATION_NUL),
+        (b"a\x00b\nc\r\n.\r\n", fc.VIOLATION_NUL),  # the same with a bare LF
+        (b"a\nb\x00c\r\n.\r\n", fc.VIOLATION_BARE_LF),
+        (b"a\n\x00\r\n.\r\n", fc.VIOLATION_BARE_LF),
+        (b"x" * 10 + b"\x00" + b"x" * 990 + b"\r\n.\r\n", fc.VIOLATION_NUL),  # before the line is too long
+        (b"x" * 999 + b"\x00\r\n.\r\n", fc.VIOLATION_LINE_TOO_LONG),  # after it
+        # The octet that makes the line too long is itself a NUL: noted first, as a bare CR or LF.
+        (b"x" * 998 + b"\x00\r\n.\r\n", fc.VIOLATION_NUL),
+    )
 
-def test_compiled_scanner_is_linear_on_bare_crs() -> None:
-    """A body of bare CRs: each CR must not make the scanner search the rest of the chunk again."""
+    @pytest.mark.parametrize(("body", "violation"), NUL_BODIES)
+    def test_nul_is_a_violation(self, fp, body: bytes, violation: int) -> None:
+        assert scan(fp, [body]) == (len(body), violation, len(body) - 3)
+
+    @pytest.mark.parametrize(
+        ("fake_end", "violation"),
+        [(b"\r\n\x00.\r\n", fc.VIOLATION_NUL), (b"\r\n.\x00\r\n", fc.VIOLATION_NUL),
+         (b"\r\n\x00.\x00\r\n", fc.VIOLATION_NUL), (b"\r\n\x00\x00.\r\n", fc.VIOLATION_NUL),
+         (b"\r\n.\r\x00\n", fc.VIOLATION_BARE_CR), (b"\r\x00\n.\r\n", fc.VIOLATION_BARE_CR),
+         (b"\r\n\x00\n.\r\n", fc.VIOLATION_NUL)],
+        ids=["nul-dot", "dot-nul", "nul-dot-nul", "nul-nul-dot", "dot-cr-nul-lf", "cr-nul-lf-dot", "nul-lf-dot"],
+    )
+    def test_nul_smuggling_forms_never_end_the_body(self, fp, fake_end: bytes, violation: int) -> None:
+        body = b"a" + fake_end + b"MAIL FROM:<x@y.test>\r\n.\r\n"
+        assert scan(fp, [body]) == (len(body), violation, len(body) - 3)
+        assert scan(fp, [bytes([octet]) for octet in body]) == (len(body), violation, len(body) - 3)
+        if fake_end.startswith(b"\r\n"):  # the same at the very start of the body, a line start
+            body = fake_end[2:] + b"QUIT\r\n.\r\n"
+            assert scan(fp, [body]) == (len(body), violation, len(body) - 3)
+
+    def test_nul_split_across_chunks(self, fp) -> None:
+        body = b"a\r\n\x00.\r\nb\x00\r\n.\r\nNEXT\r\n"
+        end = body.index(b"NEXT")
+        expected = (end, fc.VIOLATION_NUL, end - 3)
+        assert scan(fp, [body]) == expected
+        for cut in range(len(body) + 1):
+            assert scan(fp, [body[:cut], body[cut:]]) == expected, cut
+        for first in range(len(body)):
+            for second in range(first, len(body)):
+                assert scan(fp, [body[:first], body[first:second], body[second:]]) == expected, (first, second)
+        assert scan(fp, [b"a\r\n", b"\x00", b".", b"\r", b"\n", b"b\r\n.\r\n"]) == (13, fc.VIOLATION_NUL, 10)
+        assert scan(fp, [bytearray(body[:4]), bytearray(body[4:])]) == expected
+
+    def test_nul_counts_in_the_line_and_the_size(self, fp) -> None:
+        scanner = fp.DataScanner(1000, 10**6)
+        assert scanner.feed(b"a\x00b") == -1
+        assert (scanner.violation, scanner.size, scanner._line_length) == (fc.VIOLATION_NUL, 3, 3)
+        assert scanner.feed(b"\x00\r\n") == -1
+        assert (scanner.size, scanner._line_length) == (6, 0)
+        assert scan(fp, [b"\x00" * 998 + b"\r\n.\r\n"]) == (1003, fc.VIOLATION_NUL, 1000)
+
+    def test_nul_wins_over_too_big(self, fp) -> None:
+        body = b"abcdef\x00\r\n.\r\n"
+        assert scan(fp, [body], max_size=5) == (len(body), fc.VIOLATION_NUL, len(body) - 3)
+        assert scan(fp, [body[:6], body[6:]], max_size=5) == (len(body), fc.VIOLATION_NUL, len(body) - 3)
+        assert scan(fp, [b"\x00" + b"x" * 20 + b"\r\n.\r\n"], max_size=5)[1] == fc.VIOLATION_NUL
+        scanner = fp.DataScanner(1000, 5)
+        assert scanner.feed(b"x" * 9) == -1
+        assert scanner.violation == fc.VIOLATION_TOO_BIG  # known too big before the NUL arrives
+        assert scanner.feed(b"\x00\r\n.\r\n") == 6
+        assert scanner.violation == fc.VIOLATION_NUL  # the reason does not depend on the cut
+        # A NUL-free over-size body stays too big.
+        assert scan(fp, [b"x" * 9, b"\r\n.\r\n"], max_size=5)[1] == fc.VIOLATION_TOO_BIG
+
+    @pytest.mark.parametrize("max_size", [5, 50, 10**6])
+    @pytest.mark.parametrize("max_line", [3, 6, 1000])
+    def test_nul_results_do_not_depend_on_chunking(self, fp, max_line: int, max_size: int) -> None:
+        bodies = [
+            *(body for body, _ in self.NUL_BODIES),
+            b"a\r\n\x00.\r\nMAIL FROM:<x@y.test>\r\n.\r\n", b"\x00.\r\n.\r\n", b".\x00\r\n.\r\n",
+            b"\r\x00\n\x00\r\r\n.\r\n", b"\x00\n.\r\n", b"ab\x00", b"\x00" * 40,
+        ]
+        for body in bodies:
+            whole = scan(fp, [body], max_line, max_size)
+            assert scan(fp, [bytes([octet]) for octet in body], max_line, max_size) == whole, body
+            assert scan(fp, [body[:len(body) // 2], body[len(body) // 2:]], max_line, max_size) == whole, body
+            assert scan(fp, [bytearray(body)], max_line, max_size) == whole, body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\r" * (4 << 20), b"\x00" * (4 << 20), b"\r" * (4 << 20) + b"\x00", b"\x00\r" * (2 << 20),
+     b"\r\x00" * (2 << 20), b"\n" * (4 << 20), b"\r" * (4 << 20) + b"\n"],
+    ids=["bare-crs", "nuls", "bare-crs-then-nul", "nul-cr", "cr-nul", "bare-lfs", "bare-crs-then-lf"],
+)
+def test_compiled_scanner_is_linear_on_runs_of_faults(body: bytes) -> None:
+    """Each bare CR, LF or NUL must not make the scanner search the rest of the chunk again."""
     compiled = load_twin("_fastpath")
     scanner = compiled.DataScanner(1000, 10**9)
     start = time.perf_counter()
-    assert scanner.feed(b"\r" * (4 << 20)) == -1
-    assert time.perf_counter() - start < 0.5  # ~10 ms linear; quadratic would take minutes
-    assert scanner.violation == fc.VIOLATION_BARE_CR
+    assert scanner.feed(body) == -1
+    assert time.perf_counter() - start < 0.5  # ~10-50 ms linear; quadratic would take minutes
+    assert scanner.violation != fc.VIOLATION_NONE
+    assert scanner.size == len(body)
+
+
+class _CountingBytes(bytes):
+    """Bytes that count the octets their find() looks at."""
+
+    examined = 0
+
+    def find(self, sub, start=0, end=None) -> int:  # type: ignore[override]
+        found = super().find(sub, start, end)
+        stop = len(self) if end is None else min(end, len(self))
+        type(self).examined += (found + 1 if found >= 0 else stop) - start
+        return found
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\r" * 20_000 + b"\x00", b"\x00" * 20_000 + b"\n", b"\x00\r" * 10_000, b"\r" * 20_000 + b"\n",
+     b"\r\n" * 10_000 + b"\x00", b"\r" * 10_000 + b"\x00" * 10_000 + b"\n"],
+    ids=["bare-crs-then-nul", "nuls-then-lf", "nul-cr", "bare-crs-then-lf", "lines-then-nul", "crs-nuls-lf"],
+)
+def test_twin_scanner_is_linear_on_runs_of_faults(body: bytes) -> None:
+    """The same for the twin, counted: its searches look at each octet a bounded number of times."""
+    twin = load_twin("_fastpath_py")
+    _CountingBytes.examined = 0
+    assert twin.DataScanner(1000, 10**9).feed(_CountingBytes(body)) == -1
+    assert _CountingBytes.examined <= 3 * len(body)  # one search each for LF, NUL and CR

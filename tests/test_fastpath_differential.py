@@ -249,8 +249,10 @@ def test_every_grant_decides_alike(matcher_pairs, arg: str) -> None:
             assert outcome(lambda m=compiled_matcher, g=grant: m.decide(arg, g)) == expected, (arg, grant)
 
 
+# NUL octets alone and in the forms a NUL-stripping backend would read as the end of data.
 body_pieces = st.sampled_from([b"\r\n", b"\r", b"\n", b".", b"..", b"a", b"xyz" * 5, b"\r\n.\r\n", b"\n.\r\n",
-                               b"\r.\r\n", b"\x00", b"\xff", b"\r\r\r", b"\n\n"])
+                               b"\r.\r\n", b"\x00", b"\xff", b"\r\r\r", b"\n\n", b"\r\n\x00.\r\n", b"\r\n.\x00\r\n",
+                               b"\x00.", b"\x00\x00", b"\r\x00\n"])
 bodies = st.lists(body_pieces, max_size=40).map(b"".join)
 
 
@@ -276,3 +278,33 @@ def test_data_scanners_agree(c, body: bytes, cuts: list[int], max_line: int, max
         assert states[0] == states[1], chunks
         if ends[0] >= 0:
             break
+
+
+def scan_in_chunks(module: ModuleType, chunks: list[bytes], max_line: int, max_size: int) -> tuple[int, int, int]:
+    scanner, offset = module.DataScanner(max_line, max_size), 0
+    for chunk in chunks:
+        end = scanner.feed(chunk)
+        if end >= 0:
+            return offset + end, scanner.violation, scanner.size
+        offset += len(chunk)
+    return -1, scanner.violation, scanner.size
+
+
+@EXAMPLES
+@given(
+    bodies,
+    st.lists(st.integers(0, 300), max_size=6),
+    st.sampled_from([0, 3, 6, 20, 1000]),
+    st.sampled_from([0, 5, 50, 10**6]),
+)
+def test_data_scan_does_not_depend_on_chunking(c, body: bytes, cuts: list[int], max_line: int, max_size: int) -> None:
+    """The end, the violation and the size are the same however TCP cut the body, in both twins."""
+    chunks, previous = [], 0
+    for cut in [*sorted(min(cut, len(body)) for cut in cuts), len(body)]:
+        chunks.append(body[previous:cut])
+        previous = cut
+    for module in (py, c):
+        whole = scan_in_chunks(module, [body], max_line, max_size)
+        assert scan_in_chunks(module, chunks, max_line, max_size) == whole, (module.__name__, chunks)
+        octets = [body[index:index + 1] for index in range(len(body))]
+        assert scan_in_chunks(module, octets, max_line, max_size) == whole, module.__name__
