@@ -38,7 +38,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         structlog.processors.format_exc_info,
     ]
     if use_console:
-        processors += [_escape_control_characters, structlog.dev.ConsoleRenderer()]
+        # Colours only for a terminal: escape sequences in a file or pipe are noise to its reader.
+        processors += [_escape_control_characters, structlog.dev.ConsoleRenderer(colors=stream.isatty())]
     else:
         processors.append(structlog.processors.JSONRenderer())
     structlog.configure(

@@ -3,6 +3,9 @@
 ``AiosmtpdSink`` is aiosmtpd, a third-party SMTP server (it does not offer PIPELINING, so the
 proxy's one-command-at-a-time path runs against it). ``PipeliningSink`` is a small strict server
 of ours that offers PIPELINING and XCLIENT and can be told to misbehave, for the fault tests.
+
+Every server counts the connections it accepted (``connections``), those open now
+(``open_connections``) and the most it ever held open at once (``max_open_connections``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class _LoopThread:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.port = 0
         self.connections = 0
+        self.open_connections = 0
+        self.max_open_connections = 0  # high-water mark of connections open at once
         self.messages: list[Message] = []
         self._lock = threading.Lock()
 
@@ -52,7 +57,18 @@ class _LoopThread:
     def _counted(self) -> asyncio.Protocol:
         with self._lock:
             self.connections += 1
-        return self._factory()
+            self.open_connections += 1
+            self.max_open_connections = max(self.max_open_connections, self.open_connections)
+        protocol = self._factory()
+        lost = protocol.connection_lost
+
+        def connection_lost(exc: Exception | None) -> None:
+            with self._lock:
+                self.open_connections -= 1
+            lost(exc)
+
+        protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+        return protocol
 
     def record(self, message: Message) -> None:
         with self._lock:
@@ -95,6 +111,13 @@ class PipeliningSink(_LoopThread):
     ``die_after_body_bytes``: close the connection once that much body has arrived.
     ``final_delay``: seconds before answering the end of data.
     ``mail_reply``: a reply to give every MAIL instead of 250.
+    ``close_after_mail_reply``: close the connection right after giving ``mail_reply``.
+    ``rcpt_delay``: seconds before answering a RCPT; replies to later commands wait behind it.
+    ``drop_on_reuse``: a MAIL on a connection that already completed a transaction closes the
+    connection without a reply (a pooled connection that died while idle).
+    ``close_on_connect``: close every new connection at once, without a greeting (a backend that
+    is down); read per connection, so a test may change it to bring the backend back.
+    ``smtputf8``: offer SMTPUTF8 (it takes UTF-8 command lines as they come).
     """
 
     def __init__(
@@ -104,12 +127,22 @@ class PipeliningSink(_LoopThread):
         final_delay: float = 0.0,
         mail_reply: bytes | None = None,
         size: int = 0,
+        close_after_mail_reply: bool = False,
+        rcpt_delay: float = 0.0,
+        drop_on_reuse: bool = False,
+        close_on_connect: bool = False,
+        smtputf8: bool = False,
     ) -> None:
         self.xclient = xclient
         self.die_after_body_bytes = die_after_body_bytes
         self.final_delay = final_delay
         self.mail_reply = mail_reply
         self.size = size
+        self.close_after_mail_reply = close_after_mail_reply
+        self.rcpt_delay = rcpt_delay
+        self.drop_on_reuse = drop_on_reuse
+        self.close_on_connect = close_on_connect
+        self.smtputf8 = smtputf8
         self.commands: list[bytes] = []
         super().__init__(lambda: _PipeliningProtocol(self))
 
@@ -123,9 +156,14 @@ class _PipeliningProtocol(asyncio.Protocol):
         self.mail_from = ""
         self.rcpts: list[str] = []
         self.xclient: dict[str, str] = {}
+        self.completed = 0  # transactions this connection completed (250 to the end of data)
+        self.held: list[bytes] | None = None  # replies waiting behind a delayed one
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        if self.sink.close_on_connect:
+            transport.close()
+            return
         transport.write(b"220 pipelining-sink ESMTP\r\n")  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
@@ -158,7 +196,28 @@ class _PipeliningProtocol(asyncio.Protocol):
             self._command(line)
 
     def _reply(self, text: bytes) -> None:
+        if self.held is not None:
+            self.held.append(text)  # in command order, behind the delayed reply
+            return
         self.transport.write(text)  # type: ignore[attr-defined]
+
+    def _delayed_reply(self, text: bytes, seconds: float) -> None:
+        if self.held is not None:
+            self.held.append(text)
+            return
+        self.held = []
+
+        def release() -> None:
+            held, self.held = self.held or [], None
+            if not self.transport.is_closing():
+                self.transport.write(text + b"".join(held))  # type: ignore[attr-defined]
+
+        asyncio.get_running_loop().call_later(seconds, release)
+
+    def _drop(self) -> None:
+        """Close without another word, ignoring whatever else the client pipelined."""
+        self.transport.close()
+        self.buffer = b""
 
     def _command(self, line: bytes) -> None:
         verb = line[:4].upper()
@@ -166,6 +225,8 @@ class _PipeliningProtocol(asyncio.Protocol):
             keywords = [b"pipelining-sink", b"PIPELINING", b"8BITMIME", b"ENHANCEDSTATUSCODES"]
             if self.sink.size:
                 keywords.append(b"SIZE %d" % self.sink.size)
+            if self.sink.smtputf8:
+                keywords.append(b"SMTPUTF8")
             if self.sink.xclient:
                 keywords.append(b"XCLIENT ADDR NAME HELO PROTO")
             self._reply(b"".join(b"250-" + k + b"\r\n" for k in keywords[:-1]) + b"250 " + keywords[-1] + b"\r\n")
@@ -177,8 +238,13 @@ class _PipeliningProtocol(asyncio.Protocol):
                 self.xclient[key] = value
             self._reply(b"220 pipelining-sink ESMTP\r\n")
         elif verb == b"MAIL":
+            if self.sink.drop_on_reuse and self.completed:
+                self._drop()
+                return
             if self.sink.mail_reply is not None:
                 self._reply(self.sink.mail_reply)
+                if self.sink.close_after_mail_reply:
+                    self._drop()
                 return
             self.mail_from = line.decode().split(":", 1)[1].split(">")[0].lstrip(" <")
             self.rcpts = []
@@ -188,6 +254,9 @@ class _PipeliningProtocol(asyncio.Protocol):
                 self._reply(b"503 5.5.1 Need MAIL\r\n")
                 return
             self.rcpts.append(line.decode().split(":", 1)[1].split(">")[0].lstrip(" <"))
+            if self.sink.rcpt_delay:
+                self._delayed_reply(b"250 2.1.5 Ok\r\n", self.sink.rcpt_delay)
+                return
             self._reply(b"250 2.1.5 Ok\r\n")
         elif verb == b"DATA":
             if not self.rcpts:
@@ -215,6 +284,7 @@ class _PipeliningProtocol(asyncio.Protocol):
             if self.transport.is_closing():
                 return
             self.sink.record(message)
+            self.completed += 1
             self._reply(b"250 2.0.0 Ok: queued\r\n")
 
         if self.sink.final_delay:

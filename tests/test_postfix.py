@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import smtplib
-import time
 from collections.abc import Iterator
 
 import pytest
