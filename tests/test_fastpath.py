@@ -16,9 +16,10 @@ import pytest
 
 from edgeproxy import fastpath_common as fc
 from edgeproxy.errors import ParseError
+from edgeproxy.fastpath import parse_no_extensions
 
 # The same test as edgeproxy.fastpath's, so "switched off" means the same thing here.
-NO_EXTENSIONS = os.environ.get("EDGEPROXY_NO_EXTENSIONS", "").strip().lower() not in ("", "0", "false", "no")
+NO_EXTENSIONS = parse_no_extensions(os.environ.get("EDGEPROXY_NO_EXTENSIONS"))
 TWIN_NAMES = ("_fastpath_py", "_fastpath")
 
 
