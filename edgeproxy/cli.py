@@ -1,4 +1,4 @@
-"""Entry points: ``edgeproxy serve | sink | config | check-relay``."""
+"""Entry points: ``edgeproxy serve | sink | config | check-relay | passwd``."""
 
 from __future__ import annotations
 
@@ -81,8 +81,8 @@ def cmd_sink(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     import asyncio
     import tempfile
 
-    from edgeproxy.config import parse_host_port
     from edgeproxy.lifecycle import listen_socket
+    from edgeproxy.parsers import parse_host_port
     from edgeproxy.sink import serve_sink
 
     try:
@@ -97,6 +97,27 @@ def cmd_sink(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
           file=sys.stderr, flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_sink(sock, directory))
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """Print the users-file line for USER, the password read from stdin (no echo on a terminal)."""
+    import getpass
+
+    from edgeproxy.auth import hash_password
+
+    if not args.user or ":" in args.user or any(ord(char) < 33 for char in args.user):
+        print(f"edgeproxy passwd: {args.user!r}: a user name has no colon, space or control character",
+              file=sys.stderr)
+        return 2
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.user}: ")
+    else:
+        password = sys.stdin.read().removesuffix("\n").removesuffix("\r")
+    if not password:
+        print("edgeproxy passwd: an empty password is not allowed", file=sys.stderr)
+        return 2
+    print(f"{args.user}:{hash_password(password)}")
     return 0
 
 
@@ -118,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--authenticated", action="store_true")
     check.add_argument("--relay-listener", action="store_true", help="as if on a relay listener")
     check.set_defaults(handler=cmd_check_relay)
+    passwd = commands.add_parser("passwd", help="print a users-file line (argon2id) for USER; password on stdin")
+    passwd.add_argument("user")
+    passwd.set_defaults(handler=cmd_passwd)
     return parser
 
 

@@ -8,222 +8,36 @@ disagree. ``from_env`` is pure (it reads the mapping it is given, and list files
 
 from __future__ import annotations
 
-import ipaddress
-import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgeproxy.errors import ConfigError
-from edgeproxy.fastpath import CidrSet, DomainSet, ParseError, canonical_domain, parse_no_extensions, parse_rcpt_to
-from edgeproxy.fastpath_common import REASON_SYNTAX, local_key
+from edgeproxy.fastpath import parse_no_extensions
+from edgeproxy.parsers import (
+    choice_parser,
+    int_parser,
+    parse_addresses,
+    parse_backend,
+    parse_bool,
+    parse_cidrs,
+    parse_directory,
+    parse_domains,
+    parse_file,
+    parse_hostname,
+    parse_listeners,
+    parse_required_listeners,
+    parse_rewrite,
+    parse_sender_deny,
+    parse_users,
+    parse_workers,
+    seconds_parser,
+)
 from edgeproxy.refusals import POLICY_DEFAULTS, POLICY_INHERITS, POLICY_RULES
 from edgeproxy.reply import Reply
 
 PREFIX = "EDGEPROXY_"
-_TRUE = ("1", "true", "yes")
-_FALSE = ("0", "false", "no")
-
-
-# -- value parsers: each takes the raw text and returns the value or raises ValueError ----------
-
-
-def parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ValueError("expected one of 1/true/yes/0/false/no")
-
-
-def parse_list(text: str) -> tuple[str, ...]:
-    """Comma-separated entries, or ``@/path``: one entry a line, ``#`` starts a comment."""
-    text = text.strip()
-    if text.startswith("@"):
-        path = text[1:]
-        try:
-            with open(path, encoding="utf-8") as handle:
-                lines = handle.read().splitlines()
-        except OSError as error:
-            raise ValueError(f"cannot read {path}: {error.strerror}") from None
-        entries = (line.split("#", 1)[0].strip() for line in lines)
-    else:
-        entries = (entry.strip() for entry in text.split(","))
-    return tuple(entry for entry in entries if entry)
-
-
-def _int_parser(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text.strip())
-        except ValueError:
-            raise ValueError("expected a whole number") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
-            raise ValueError(f"expected a whole number {bound}")
-        return value
-
-    return parse
-
-
-def _seconds_parser(minimum: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text.strip())
-        except ValueError:
-            raise ValueError("expected a number of seconds") from None
-        if not value >= minimum or value == float("inf"):
-            raise ValueError(f"expected a number of seconds, at least {minimum:g}")
-        return value
-
-    return parse
-
-
-def _choice_parser(*choices: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        value = text.strip().lower()
-        if value not in choices:
-            raise ValueError("expected one of " + "/".join(choices))
-        return value
-
-    return parse
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    """``127.0.0.1:25``, ``[::1]:25`` or ``mail.example.com:25``."""
-    text = text.strip()
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0 or text[close + 1 : close + 2] != ":":
-            raise ValueError("expected [ipv6]:port")
-        host, port_text = text[1:close], text[close + 2 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IPv6 address") from None
-    else:
-        host, _, port_text = text.rpartition(":")
-        if not host or ":" in host:
-            raise ValueError("expected host:port (IPv6 as [addr]:port)")
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            try:
-                canonical_domain(host)
-            except ParseError:
-                raise ValueError(f"{host!r} is neither an address nor a host name") from None
-    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
-        raise ValueError("expected a port from 0 to 65535")
-    return host, int(port_text)
-
-
-def _parse_listeners(text: str) -> tuple[tuple[str, int], ...]:
-    return tuple(parse_host_port(entry) for entry in parse_list(text))
-
-
-def _parse_required_listeners(text: str) -> tuple[tuple[str, int], ...]:
-    listeners = _parse_listeners(text)
-    if not listeners:
-        raise ValueError("at least one address to listen on is needed")
-    return listeners
-
-
-def _parse_file(text: str) -> str:
-    """Empty, or a readable file (``@/path`` is taken as ``/path`` too)."""
-    path = text.strip().removeprefix("@")
-    if path and not os.access(path, os.R_OK):
-        raise ValueError(f"cannot read {path}")
-    return path
-
-
-def _parse_backend(text: str) -> tuple[str, int] | None:
-    return parse_host_port(text) if text.strip() else None
-
-
-def _parse_domains(text: str) -> tuple[str, ...]:
-    entries = parse_list(text)
-    DomainSet(entries)  # validates; the policy builds the live matcher
-    return entries
-
-
-def _parse_cidrs(text: str) -> tuple[str, ...]:
-    entries = parse_list(text)
-    CidrSet(entries)
-    return entries
-
-
-def _converted(text: str, convert: Callable[[str], Any], expected: str) -> tuple[Any, ...]:
-    """Each list entry through ``convert``, which raises ParseError for a bad one."""
-    converted = []
-    for entry in parse_list(text):
-        try:
-            converted.append(convert(entry))
-        except ParseError:
-            raise ValueError(f"expected {expected}, got {entry!r}") from None
-    return tuple(converted)
-
-
-def _address(entry: str) -> str:
-    """A full address, checked by the same parser as RCPT TO, lower-cased for lookups."""
-    path = parse_rcpt_to(f"TO:<{entry}>")
-    if not path.domain:
-        raise ParseError(REASON_SYNTAX)
-    return local_key(path.local) + "@" + path.domain
-
-
-def _rewrite_pair(entry: str) -> tuple[str, str]:
-    source, equals, target = entry.partition("=")
-    if not equals:
-        raise ParseError(REASON_SYNTAX)
-    return canonical_domain(source.strip()), canonical_domain(target.strip())
-
-
-def _sender_entry(entry: str) -> str:
-    if "@" in entry:
-        return _address(entry)
-    if entry.startswith("."):
-        return "." + canonical_domain(entry[1:])
-    return canonical_domain(entry)
-
-
-def _parse_rewrite(text: str) -> tuple[tuple[str, str], ...]:
-    return _converted(text, _rewrite_pair, "from.domain=to.domain")
-
-
-def _parse_addresses(text: str) -> tuple[str, ...]:
-    """Full addresses (``user@domain``), as in a recipient directory."""
-    return _converted(text, _address, "user@domain")
-
-
-def _parse_sender_deny(text: str) -> tuple[str, ...]:
-    """Addresses (``user@domain``), domains (``domain``) and wildcards (``.domain``)."""
-    return _converted(text, _sender_entry, "user@domain, domain or .domain")
-
-
-def _parse_hostname(text: str) -> str:
-    """Empty (the host's FQDN is used), or a name fit for the greeting and Received: lines."""
-    text = text.strip()
-    if not text:
-        return ""
-    try:
-        return canonical_domain(text)
-    except ParseError:
-        raise ValueError("expected a domain name") from None
-
-
-def _parse_directory(text: str) -> str:
-    text = text.strip()
-    if text and os.path.exists(text) and not os.path.isdir(text):
-        raise ValueError("exists and is not a directory")
-    return text
-
-
-def _parse_workers(text: str) -> int:
-    if text.strip().lower() == "auto":
-        return os.cpu_count() or 1
-    return _int_parser(1, 256)(text)
 
 
 # -- the table ----------------------------------------------------------------------------------
@@ -248,103 +62,113 @@ class Variable:
 
 
 _SETTINGS_VARIABLES: tuple[Variable, ...] = (
-    Variable("LISTEN", _parse_required_listeners, "127.0.0.1:2525",
+    Variable("LISTEN", parse_required_listeners, "127.0.0.1:2525",
              "Addresses to accept SMTP on (IPv4 and [IPv6])", "0.0.0.0:25,[::]:25"),
-    Variable("RELAY_LISTEN", _parse_listeners, "",
+    Variable("RELAY_LISTEN", parse_listeners, "",
              "Extra listeners whose clients may relay (Exchange's 'clients connecting to these "
              "internal addresses')", "10.0.0.5:25"),
-    Variable("SUBMISSION_LISTEN", _parse_listeners, "",
+    Variable("SUBMISSION_LISTEN", parse_listeners, "",
              "Mail submission listeners (RFC 6409, port 587): STARTTLS required before MAIL", "0.0.0.0:587"),
-    Variable("SUBMISSIONS_LISTEN", _parse_listeners, "",
+    Variable("SUBMISSIONS_LISTEN", parse_listeners, "",
              "Mail submission over implicit TLS (RFC 8314, port 465): TLS from the first byte", "0.0.0.0:465"),
-    Variable("TLS_CERT", _parse_file, "",
+    Variable("TLS_CERT", parse_file, "",
              "PEM certificate (chain) for STARTTLS and implicit TLS; empty offers no TLS (the embedded "
              "defaults make a throwaway self-signed one)", "/etc/edgeproxy/tls/fullchain.pem"),
-    Variable("TLS_KEY", _parse_file, "", "PEM private key of TLS_CERT", "/etc/edgeproxy/tls/privkey.pem"),
-    Variable("TLS_MIN_VERSION", _choice_parser("1.2", "1.3"), "1.2", "Oldest TLS version accepted from clients", "1.3"),
-    Variable("TLS_HANDSHAKE_TIMEOUT", _seconds_parser(1), "30",
+    Variable("TLS_KEY", parse_file, "", "PEM private key of TLS_CERT", "/etc/edgeproxy/tls/privkey.pem"),
+    Variable("TLS_MIN_VERSION", choice_parser("1.2", "1.3"), "1.2", "Oldest TLS version accepted from clients", "1.3"),
+    Variable("TLS_HANDSHAKE_TIMEOUT", seconds_parser(1), "30",
              "Seconds a client has to complete a TLS handshake", "10"),
-    Variable("BACKEND", _parse_backend, "",
+    Variable("AUTH", choice_parser("off", "file", "backend"), "off",
+             "SMTP AUTH inside TLS (PLAIN, LOGIN): verified against AUTH_USERS, or by the backend's own AUTH; "
+             "authenticated clients may relay", "file"),
+    Variable("AUTH_USERS", parse_users, "",
+             "With AUTH=file: lines user:hash (argon2id or bcrypt; make them with `edgeproxy passwd USER`)",
+             "@/etc/edgeproxy/users"),
+    Variable("AUTH_FAILURE_DELAY", seconds_parser(0), "1",
+             "Seconds before a failed AUTH is answered (other sessions are not held up)", "3"),
+    Variable("AUTH_FAILURE_LIMIT", int_parser(1), "10",
+             "AUTH failures from one client address in 10 minutes before further attempts get 454 4.7.0", "5"),
+    Variable("BACKEND", parse_backend, "",
              "The real mail server; empty starts an embedded sink for trying edgeproxy out",
              "10.0.0.10:25"),
-    Variable("HOSTNAME", _parse_hostname, "",
+    Variable("HOSTNAME", parse_hostname, "",
              "Name in the greeting and the Received: header; empty uses the host's FQDN",
              "mx1.example.com"),
-    Variable("LOCAL_DOMAINS", _parse_domains, "example.test",
+    Variable("LOCAL_DOMAINS", parse_domains, "example.test",
              "Domains we accept mail for; '.example.com' matches every subdomain",
              "example.com,.example.com"),
-    Variable("RELAY_DOMAINS", _parse_domains, "",
+    Variable("RELAY_DOMAINS", parse_domains, "",
              "Domains relayed for anyone (backup MX)", "partner.example"),
-    Variable("RELAY_ALLOW", _parse_cidrs, "",
+    Variable("RELAY_ALLOW", parse_cidrs, "",
              "Client CIDRs that may relay to any domain", "10.0.0.0/8,2001:db8::/32"),
-    Variable("RELAY_NEVER", _parse_cidrs, "",
+    Variable("RELAY_NEVER", parse_cidrs, "",
              "Client CIDRs that may never relay, whatever else allows it", "10.66.0.0/16"),
-    Variable("CONNECT_ALLOW", _parse_cidrs, "",
+    Variable("CONNECT_ALLOW", parse_cidrs, "",
              "If set, only these client CIDRs may connect", "@/etc/edgeproxy/connect-allow"),
-    Variable("CONNECT_DENY", _parse_cidrs, "",
+    Variable("CONNECT_DENY", parse_cidrs, "",
              "Client CIDRs refused at the greeting", "192.0.2.0/24"),
-    Variable("RECIPIENTS", _parse_addresses, "",
+    Variable("RECIPIENTS", parse_addresses, "",
              "Recipient directory: for a local domain with any address listed, only listed "
              "addresses are accepted (others get 550 5.1.1 at RCPT)",
              "@/etc/edgeproxy/recipients"),
-    Variable("REWRITE", _parse_rewrite, "",
+    Variable("REWRITE", parse_rewrite, "",
              "Domain rewrite map, applied before the local/relay decision", "dec.com=compaq.com"),
-    Variable("SENDER_DENY", _parse_sender_deny, "",
+    Variable("SENDER_DENY", parse_sender_deny, "",
              "Senders refused at MAIL: addresses, domains, .wildcards", "spam@bad.example,.bad.example"),
     Variable("SOFT_REJECT", parse_bool, "no",
              "Turn every policy 5xx into 4xx (a safe first deployment)", "yes"),
-    Variable("MAX_RECIPIENTS", _int_parser(1), "100",
+    Variable("MAX_RECIPIENTS", int_parser(1), "100",
              "Recipients per message; more get 452 4.5.3", "1000"),
-    Variable("MAX_MESSAGE_SIZE", _int_parser(1), "10485760",
+    Variable("MAX_MESSAGE_SIZE", int_parser(1), "10485760",
              "Message size limit in octets (advertised with SIZE, enforced)", "52428800"),
-    Variable("MAX_LINE_LENGTH", _int_parser(512, 65536), "512",
+    Variable("MAX_LINE_LENGTH", int_parser(512, 65536), "512",
              "Command line limit in octets, CRLF included (RFC 5321 §4.5.3.1.4)", "2048"),
-    Variable("MAX_BODY_LINE_LENGTH", _int_parser(1000, 1 << 20), "2048",
+    Variable("MAX_BODY_LINE_LENGTH", int_parser(1000, 1 << 20), "2048",
              "Body line limit in octets, CRLF included; longer lines refuse the message", "1000"),
-    Variable("MAX_ERRORS", _int_parser(1), "20",
+    Variable("MAX_ERRORS", int_parser(1), "20",
              "Errors and refusals per session before 421 and disconnect", "50"),
-    Variable("RECIPIENT_OVERSHOOT_LIMIT", _int_parser(0), "1000",
+    Variable("RECIPIENT_OVERSHOOT_LIMIT", int_parser(0), "1000",
              "RCPTs past MAX_RECIPIENTS answered 452 in a transaction before each further one counts "
              "as an error (Postfix's smtpd_recipient_overshoot_limit)", "100"),
-    Variable("MAX_PENDING_INPUT", _int_parser(4096), "65536",
+    Variable("MAX_PENDING_INPUT", int_parser(4096), "65536",
              "Octets of a client's input held unanswered before the proxy stops reading from it", "262144"),
-    Variable("MAX_PIPELINE", _int_parser(1), "256",
+    Variable("MAX_PIPELINE", int_parser(1), "256",
              "Replies a client may be owed before its further commands wait until it reads them", "1000"),
-    Variable("MAX_CONNECTIONS", _int_parser(1), "1000",
+    Variable("MAX_CONNECTIONS", int_parser(1), "1000",
              "Concurrent client connections per worker", "20000"),
-    Variable("MAX_CONNECTIONS_PER_IP", _int_parser(0), "50",
+    Variable("MAX_CONNECTIONS_PER_IP", int_parser(0), "50",
              "Concurrent connections from one client address per worker; 0 = no limit", "20"),
-    Variable("CONNECTION_RATE", _int_parser(0), "0",
+    Variable("CONNECTION_RATE", int_parser(0), "0",
              "New connections per client address per minute per worker; 0 = no limit", "120"),
-    Variable("GREETING_DELAY", _seconds_parser(0), "0",
+    Variable("GREETING_DELAY", seconds_parser(0), "0",
              "Seconds to wait before the greeting; a client talking first gets 554", "2"),
-    Variable("TIMEOUT", _seconds_parser(1), "300",
+    Variable("TIMEOUT", seconds_parser(1), "300",
              "Seconds a client has for each command line, and to take a final reply "
              "(RFC 5321 §4.5.3.2.7)", "120"),
-    Variable("DATA_TIMEOUT", _seconds_parser(1), "180",
+    Variable("DATA_TIMEOUT", seconds_parser(1), "180",
              "Seconds a client may stay silent inside DATA (RFC 5321 §4.5.3.2.5)", "180"),
-    Variable("SESSION_TIMEOUT", _seconds_parser(1), "3600",
+    Variable("SESSION_TIMEOUT", seconds_parser(1), "3600",
              "Seconds a whole session may last, however busy it is", "1800"),
-    Variable("BACKEND_TIMEOUT", _seconds_parser(1), "300",
+    Variable("BACKEND_TIMEOUT", seconds_parser(1), "300",
              "Seconds to wait for a backend reply; 600 after the body (RFC 5321 §4.5.3.2.6)", "120"),
-    Variable("BACKEND_CONNECT_TIMEOUT", _seconds_parser(0.1), "10",
+    Variable("BACKEND_CONNECT_TIMEOUT", seconds_parser(0.1), "10",
              "Seconds to connect and read the backend's greeting", "5"),
-    Variable("BACKEND_MAX_CONNECTIONS", _int_parser(1), "100",
+    Variable("BACKEND_MAX_CONNECTIONS", int_parser(1), "100",
              "Backend connections open at once, in total: each worker gets its share (pooled and "
              "idle ones count; a transaction that finds none free waits)", "50"),
-    Variable("BACKEND_QUEUE_TIMEOUT", _seconds_parser(0.1), "30",
+    Variable("BACKEND_QUEUE_TIMEOUT", seconds_parser(0.1), "30",
              "Seconds a transaction waits for a free backend connection before 451 4.3.2", "10"),
-    Variable("BACKEND_IDLE_TIMEOUT", _seconds_parser(1), "30",
+    Variable("BACKEND_IDLE_TIMEOUT", seconds_parser(1), "30",
              "Seconds an idle pooled backend connection is kept; the pool shrinks to recent demand", "60"),
-    Variable("BACKEND_RETRY_INTERVAL", _seconds_parser(0.1), "2",
+    Variable("BACKEND_RETRY_INTERVAL", seconds_parser(0.1), "2",
              "Seconds after a failed backend connect during which transactions get 451 4.4.1 at once "
              "instead of a new attempt", "5"),
-    Variable("BACKEND_TLS", _choice_parser("no", "opportunistic", "required"), "opportunistic",
+    Variable("BACKEND_TLS", choice_parser("no", "opportunistic", "required"), "opportunistic",
              "STARTTLS to the backend: when offered, always (else 451 4.7.5, never plaintext), or never",
              "required"),
-    Variable("BACKEND_TLS_VERIFY", _choice_parser("auto", "yes", "no"), "auto",
+    Variable("BACKEND_TLS_VERIFY", choice_parser("auto", "yes", "no"), "auto",
              "Verify the backend's certificate and name; auto = yes when BACKEND_TLS=required", "no"),
-    Variable("BACKEND_TLS_CA", _parse_file, "",
+    Variable("BACKEND_TLS_CA", parse_file, "",
              "CA bundle for verifying the backend; empty uses the system's", "@/etc/edgeproxy/backend-ca.pem"),
     Variable("XCLIENT", parse_bool, "yes",
              "Announce the real client with XCLIENT when the backend offers it", "no"),
@@ -352,17 +176,17 @@ _SETTINGS_VARIABLES: tuple[Variable, ...] = (
              "Prepend a Received: header naming the real client", "no"),
     Variable("ENABLE_EXPN", parse_bool, "no", "Pass EXPN to the backend instead of 502", "yes"),
     Variable("ENABLE_ETRN", parse_bool, "no", "Pass ETRN to the backend instead of 502", "yes"),
-    Variable("LOOP", _choice_parser("uvloop", "asyncio"), "uvloop", "Event loop", "asyncio"),
-    Variable("WORKERS", _parse_workers, "1",
+    Variable("LOOP", choice_parser("uvloop", "asyncio"), "uvloop", "Event loop", "asyncio"),
+    Variable("WORKERS", parse_workers, "1",
              "Processes sharing the listeners (SO_REUSEPORT); 'auto' = one per core", "auto"),
-    Variable("DRAIN_TIMEOUT", _seconds_parser(0), "30",
+    Variable("DRAIN_TIMEOUT", seconds_parser(0), "30",
              "Seconds SIGTERM waits for transactions in flight", "60"),
-    Variable("SINK_DIR", _parse_directory, "",
+    Variable("SINK_DIR", parse_directory, "",
              "Where the embedded sink writes messages; empty makes a temporary directory",
              "/var/tmp/edgeproxy-sink"),
-    Variable("LOG_LEVEL", _choice_parser("debug", "info", "warning", "error"), "info",
+    Variable("LOG_LEVEL", choice_parser("debug", "info", "warning", "error"), "info",
              "Least severe log level written", "debug"),
-    Variable("LOG_FORMAT", _choice_parser("auto", "json", "console"), "auto",
+    Variable("LOG_FORMAT", choice_parser("auto", "json", "console"), "auto",
              "json, console, or auto (console on a terminal, else JSON)", "json"),
     Variable("NO_EXTENSIONS", parse_no_extensions, "no",
              "Run the pure-Python fast path instead of the compiled one", "1"),
@@ -388,6 +212,10 @@ class Settings:
     tls_key: str
     tls_min_version: str
     tls_handshake_timeout: float
+    auth: str
+    auth_users: str
+    auth_failure_delay: float
+    auth_failure_limit: int
     backend: tuple[str, int] | None
     hostname: str
     local_domains: tuple[str, ...]
@@ -466,6 +294,9 @@ class Settings:
             problems.append(f"{PREFIX}MAX_PENDING_INPUT={environ.get(PREFIX + 'MAX_PENDING_INPUT')!r}: "
                             f"must be at least {PREFIX}MAX_LINE_LENGTH ({values['max_line_length']})")
         problems += _tls_problems(values, environ)
+        if values.get("auth") == "file" and "auth_users" in values and not values["auth_users"]:
+            problems.append(f"{PREFIX}AUTH_USERS={environ.get(PREFIX + 'AUTH_USERS', '')!r}: needed with "
+                            f"{PREFIX}AUTH=file")
         for name in sorted(set(environ) - set(_BY_ENV)):
             if name.startswith(PREFIX):
                 problems.append(f"{name}={environ[name]!r}: unknown variable (misspelt?)")
@@ -515,8 +346,11 @@ def _tls_problems(values: dict[str, Any], environ: Mapping[str, str]) -> list[st
             return [f"{PREFIX}TLS_KEY={key!r}: {error} ({PREFIX}TLS_CERT={cert!r})"]
     elif values.get("backend") is not None:
         # (On the embedded defaults a throwaway certificate is made at start-up.)
+        needing = [name for name in ("SUBMISSION_LISTEN", "SUBMISSIONS_LISTEN") if values.get(name.lower())]
+        if values.get("auth", "off") != "off":
+            needing.append("AUTH")  # offered only inside TLS
         return [f"{PREFIX}{name}={environ.get(PREFIX + name)!r}: needs {PREFIX}TLS_CERT and {PREFIX}TLS_KEY"
-                for name in ("SUBMISSION_LISTEN", "SUBMISSIONS_LISTEN") if values.get(name.lower())]
+                for name in needing]
     return []
 
 

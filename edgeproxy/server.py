@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from edgeproxy.auth import Outcome
 from edgeproxy.backend import BackendLease
 from edgeproxy.listener import ListenerKind
 from edgeproxy.log import RefusalLog
@@ -34,9 +35,30 @@ log = structlog.get_logger("edgeproxy")
 
 
 class ClientProtocol(asyncio.Protocol):
-    __slots__ = ("_admitted", "_backend_writable", "_client_writable", "_closing", "_handshaking", "_last_progress",
-                 "_log", "_reading", "_refusals", "_resume_scheduled", "_started", "_timer", "_tls_task",
-                 "_tls_wanted", "client", "lease", "listener", "session", "session_id", "state", "transport")
+    __slots__ = (
+        "_admitted",
+        "_auth_task",
+        "_backend_writable",
+        "_client_writable",
+        "_closing",
+        "_handshaking",
+        "_last_progress",
+        "_log",
+        "_reading",
+        "_refusals",
+        "_resume_scheduled",
+        "_started",
+        "_timer",
+        "_tls_task",
+        "_tls_wanted",
+        "client",
+        "lease",
+        "listener",
+        "session",
+        "session_id",
+        "state",
+        "transport",
+    )
 
     def __init__(self, state: ServerState, listener: ListenerKind) -> None:
         self.state = state
@@ -57,6 +79,7 @@ class ClientProtocol(asyncio.Protocol):
         self._tls_wanted = False  # STARTTLS answered 220: hand-shake once that reply is out
         self._handshaking = False
         self._tls_task: asyncio.Task[None] | None = None
+        self._auth_task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._started = 0.0
         self._last_progress = 0.0
@@ -131,8 +154,9 @@ class ClientProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._tls_task is not None:
-            self._tls_task.cancel()
+        for task in (self._tls_task, self._auth_task):
+            if task is not None:
+                task.cancel()
         session = self.session
         if session is None or not self._admitted:
             return
@@ -155,6 +179,7 @@ class ClientProtocol(asyncio.Protocol):
             helo=session.helo,
             seconds=round(asyncio.get_running_loop().time() - self._started, 3),
             tls=f"{session.tls.version}/{session.tls.cipher}" if session.tls else None,
+            user=session.authenticated_as,
             messages=stats.messages,
             refusals=stats.refusals,
             errors=stats.errors,
@@ -297,6 +322,8 @@ class ClientProtocol(asyncio.Protocol):
                     self.lease.abort()
             elif isinstance(event, ev.StartTls):
                 self._tls_wanted = True
+            elif isinstance(event, ev.Authenticate):
+                self._auth_task = asyncio.get_running_loop().create_task(self._authenticate(event))
             elif isinstance(event, ev.TransactionEnded):
                 self.log.debug("transaction", delivered=event.delivered, recipients=event.recipients,
                                size=event.size, reply_code=event.reply_code)
@@ -311,8 +338,37 @@ class ClientProtocol(asyncio.Protocol):
         if event.command is ev.Command.MAIL:
             session = self.session
             assert session is not None
-            identity = ClientIdentity(self.client, session.helo, "ESMTP" if session.esmtp else "SMTP")
+            identity = ClientIdentity(self.client, session.helo, "ESMTP" if session.esmtp else "SMTP",
+                                      session.authenticated_as)
         lease.send(event.command, event.data, identity)
+
+    async def _authenticate(self, event: ev.Authenticate) -> None:
+        """Verify off the session's path: a slow hash or backend holds up this session only."""
+        state = self.state
+        if state.auth_failures.blocked(self.client):
+            self.log.warning("auth_blocked", user=event.username, limit=state.auth_failures.limit)
+            outcome = Outcome(False, r.AUTH_BLOCKED)
+        else:
+            assert state.verifier is not None
+            outcome = await state.verifier.verify(event.username, event.password)
+            if not outcome.ok and outcome.reply.is_permanent:
+                state.auth_failures.add(self.client)
+                # Each failure waits before its answer: guessing gets slow, nobody else waits.
+                await asyncio.sleep(state.settings.auth_failure_delay)
+        self._auth_task = None
+        session = self.session
+        if session is None or self._closing:
+            return
+        self.log.info("auth", user=event.username, mechanism=event.mechanism, ok=outcome.ok,
+                      reply=None if outcome.ok else str(outcome.reply))
+        try:
+            if outcome.ok:
+                session.auth_succeeded(event.username)
+            else:
+                session.auth_failed(outcome.reply)
+            self._pump()
+        except Exception:
+            self._crash()
 
     def _update_reading(self) -> None:
         """Read only while the backend takes what we forward, the client takes its replies, and

@@ -9,11 +9,12 @@ import os
 import ssl
 
 from edgeproxy import tls
-from edgeproxy.backend import BackendPool
+from edgeproxy.auth import BackendVerifier, FailureCounter, FileVerifier, Verifier, read_users
 from edgeproxy.config import Settings
 from edgeproxy.limits import ConnectionLimiter
 from edgeproxy.listener import ListenerKind
 from edgeproxy.policy import Policy
+from edgeproxy.pool import BackendPool
 from edgeproxy.server import ClientProtocol
 from edgeproxy.smtp.capabilities import Capabilities
 from edgeproxy.smtp.session import SessionLimits
@@ -28,6 +29,8 @@ class ServerState:
         self.settings = settings
         self.policy = Policy(settings)
         self.tls_context = _server_tls(settings)
+        self.verifier = _verifier(settings, backend)
+        self.auth_failures = FailureCounter(settings.auth_failure_limit)
         self.limits = SessionLimits(
             hostname=settings.hostname,
             max_line_length=settings.max_line_length,
@@ -40,6 +43,7 @@ class ServerState:
             max_pipeline=settings.max_pipeline,
             recipient_overshoot=settings.recipient_overshoot_limit,
             starttls=self.tls_context is not None,
+            auth=self.verifier is not None and self.tls_context is not None,
         )
         self.limiter = ConnectionLimiter(
             settings.max_connections, settings.max_connections_per_ip, settings.connection_rate
@@ -81,9 +85,12 @@ class ServerState:
         """New lists, directories and certificate for new sessions; sessions in progress keep
         theirs. Raises ValueError (the old state stays) when the new certificate will not load."""
         context = _server_tls(settings)
+        verifier = _verifier(settings, self.pool.host_port)
         self.policy = Policy(settings)
         if context is not None:
             self.tls_context = context
+        if isinstance(verifier, FileVerifier):
+            self.verifier = verifier  # the users file re-read (SIGHUP)
 
     def drain(self) -> None:
         self.draining = True
@@ -98,6 +105,17 @@ class ServerState:
 
     def protocol_factory(self, listener: ListenerKind):
         return lambda: ClientProtocol(self, listener)
+
+
+def _verifier(settings: Settings, backend: tuple[str, int]) -> Verifier | None:
+    if settings.auth == "file":
+        with open(settings.auth_users, encoding="utf-8") as handle:
+            return FileVerifier(read_users(handle.read()))
+    if settings.auth == "backend":
+        context = None if settings.backend_tls == "no" else tls.backend_context(
+            settings.backend_verify, settings.backend_tls_ca)
+        return BackendVerifier(backend[0], backend[1], settings.hostname, settings.backend_connect_timeout, context)
+    return None
 
 
 def _server_tls(settings: Settings) -> ssl.SSLContext | None:

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from edgeproxy import cli, tls
-from edgeproxy.config import VARIABLES, Settings, Variable, parse_bool
+from edgeproxy.config import VARIABLES, Settings, Variable
 from edgeproxy.errors import ConfigError, EdgeproxyError
+from edgeproxy.parsers import parse_bool
 from edgeproxy.refusals import POLICY_DEFAULTS, POLICY_RULES
 from edgeproxy.reply import Reply
 
@@ -61,6 +62,8 @@ def assert_one_problem(env: str, bad: str, **others: str) -> str:
 # The TLS variables name PEM files; their examples are stood in for by a pair made in the test.
 MADE_FILE = object()
 PEM_VARIABLES = {"TLS_CERT", "TLS_KEY", "BACKEND_TLS_CA"}
+USERS = ("# mail users\nalice:$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo\n\n"
+         "bob:$2b$12$" + "a" * 53 + "\n")
 
 EXAMPLE_VALUES: dict[str, object] = {
     "LISTEN": (("0.0.0.0", 25), ("::", 25)),
@@ -71,6 +74,10 @@ EXAMPLE_VALUES: dict[str, object] = {
     "TLS_KEY": MADE_FILE,
     "TLS_MIN_VERSION": "1.3",
     "TLS_HANDSHAKE_TIMEOUT": 10.0,
+    "AUTH": "file",
+    "AUTH_USERS": MADE_FILE,
+    "AUTH_FAILURE_DELAY": 3.0,
+    "AUTH_FAILURE_LIMIT": 5,
     "BACKEND_TLS": "required",
     "BACKEND_TLS_VERIFY": "no",
     "BACKEND_TLS_CA": MADE_FILE,
@@ -134,6 +141,10 @@ BAD_VALUES: dict[str, str] = {
     "TLS_KEY": "/nonexistent/key.pem",
     "TLS_MIN_VERSION": "1.1",
     "TLS_HANDSHAKE_TIMEOUT": "0",
+    "AUTH": "sasl",
+    "AUTH_USERS": "/nonexistent/users",
+    "AUTH_FAILURE_DELAY": "-1",
+    "AUTH_FAILURE_LIMIT": "0",
     "BACKEND_TLS": "maybe",
     "BACKEND_TLS_VERIFY": "sometimes",
     "BACKEND_TLS_CA": "/nonexistent/ca.pem",
@@ -199,7 +210,8 @@ def test_every_variable_has_a_good_and_a_bad_case() -> None:
     assert set(BAD_VALUES) == names, "add a bad value for each new variable (and drop removed ones)"
     assert set(EXAMPLE_VALUES) == names, "add the expected value of each new variable's example"
     assert set(FILE_EXAMPLES) == {variable.name for variable in VARIABLES
-                                  if variable.example.startswith("@") and variable.name not in PEM_VARIABLES}
+                                  if variable.example.startswith("@")
+                                  and variable.name not in (*PEM_VARIABLES, "AUTH_USERS")}
 
 
 def test_every_variable_is_documented() -> None:
@@ -229,6 +241,12 @@ def test_default_parses(variable: Variable) -> None:
 
 @pytest.mark.parametrize("variable", VARIABLES, ids=ids)
 def test_example_parses_to_the_expected_value(variable: Variable, tmp_path: Path) -> None:
+    if variable.name in ("AUTH", "AUTH_USERS"):
+        users = tmp_path / "users"
+        users.write_text(USERS, encoding="utf-8")
+        settings = load(EDGEPROXY_AUTH="file", EDGEPROXY_AUTH_USERS=f"@{users}")
+        assert value_of(settings, variable) == ("file" if variable.name == "AUTH" else str(users))
+        return
     if variable.name in PEM_VARIABLES:
         cert, key = tls.make_self_signed("proxy.test", str(tmp_path))
         settings = load(EDGEPROXY_TLS_CERT=cert, EDGEPROXY_TLS_KEY=key, EDGEPROXY_BACKEND_TLS_CA=f"@{cert}")
@@ -605,3 +623,27 @@ def test_submission_with_a_real_backend_needs_a_certificate(name: str) -> None:
         load(EDGEPROXY_BACKEND="127.0.0.1:25", **{f"EDGEPROXY_{name}": "127.0.0.1:5870"})
     expected = f"EDGEPROXY_{name}='127.0.0.1:5870': needs EDGEPROXY_TLS_CERT and EDGEPROXY_TLS_KEY"
     assert error.value.problems == [expected]
+
+
+# -- AUTH ----------------------------------------------------------------------------------------
+
+
+def test_auth_file_needs_a_users_file() -> None:
+    with pytest.raises(ConfigError) as error:
+        load(EDGEPROXY_AUTH="file")
+    assert error.value.problems == ["EDGEPROXY_AUTH_USERS='': needed with EDGEPROXY_AUTH=file"]
+
+
+def test_a_users_file_with_a_plaintext_password_is_refused_without_showing_it(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    users.write_text("alice:hunter2\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as error:
+        load(EDGEPROXY_AUTH="file", EDGEPROXY_AUTH_USERS=f"@{users}")
+    assert "line 1: expected user:<argon2id or bcrypt hash>" in error.value.problems[0]
+    assert "hunter2" not in str(error.value)
+
+
+def test_auth_with_a_real_backend_needs_a_certificate() -> None:
+    with pytest.raises(ConfigError) as error:
+        load(EDGEPROXY_AUTH="backend", EDGEPROXY_BACKEND="127.0.0.1:25")
+    assert error.value.problems == ["EDGEPROXY_AUTH='backend': needs EDGEPROXY_TLS_CERT and EDGEPROXY_TLS_KEY"]

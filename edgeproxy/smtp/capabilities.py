@@ -6,6 +6,7 @@ import functools
 from dataclasses import dataclass
 
 from edgeproxy.smtp import replies as r
+from edgeproxy.smtp.sasl import MECHANISMS
 
 _BODY_TYPES = ("7BIT", "8BITMIME")
 
@@ -38,7 +39,7 @@ class Capabilities:
             dsn="DSN" in keywords,
         )
 
-    def ehlo_keywords(self, starttls: bool = False) -> list[str]:
+    def ehlo_keywords(self, starttls: bool = False, auth: bool = False) -> list[str]:
         """Our keywords; STARTTLS is the proxy's own (offered before TLS only, RFC 3207 §4.2),
         never passed through from the backend."""
         keywords = ["PIPELINING", f"SIZE {self.max_message_size}"]
@@ -51,10 +52,12 @@ class Capabilities:
         keywords.append("ENHANCEDSTATUSCODES")
         if starttls:
             keywords.append("STARTTLS")
+        if auth:
+            keywords.append("AUTH " + " ".join(MECHANISMS))
         return keywords
 
-    def ehlo_reply(self, hostname: str, starttls: bool = False) -> bytes:
-        return _ehlo_reply(hostname, self, starttls)
+    def ehlo_reply(self, hostname: str, starttls: bool = False, auth: bool = False) -> bytes:
+        return _ehlo_reply(hostname, self, starttls, auth)
 
     def check_mail_params(self, params: dict[str, str | None], esmtp: bool) -> r.Reply | None:
         """Refuse any MAIL parameter we did not offer (RFC 5321 §4.1.1.11: 555)."""
@@ -91,6 +94,6 @@ class Capabilities:
 
 
 @functools.lru_cache(maxsize=16)
-def _ehlo_reply(hostname: str, capabilities: Capabilities, starttls: bool) -> bytes:
+def _ehlo_reply(hostname: str, capabilities: Capabilities, starttls: bool, auth: bool) -> bytes:
     """The EHLO reply; every session of one configuration sends the same bytes."""
-    return r.multiline(250, [hostname, *capabilities.ehlo_keywords(starttls)])
+    return r.multiline(250, [hostname, *capabilities.ehlo_keywords(starttls, auth)])

@@ -48,6 +48,7 @@ class ClientIdentity:
     addr: str
     helo: str | None
     proto: str
+    login: str | None = None  # the AUTH user, when the client authenticated
 
 
 class BackendClient:
@@ -344,6 +345,8 @@ def xclient_commands(identity: ClientIdentity, offered: frozenset[str]) -> list[
     values = {"ADDR": addr, "NAME": "[UNAVAILABLE]", "PROTO": identity.proto}
     if identity.helo:
         values["HELO"] = identity.helo
+    if identity.login:
+        values["LOGIN"] = identity.login
     attributes = [f"{key}={xtext(value)}" for key, value in values.items() if key in offered]
     lines: list[bytes] = []
     current = "XCLIENT"

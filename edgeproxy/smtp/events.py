@@ -12,6 +12,7 @@ import enum
 from dataclasses import dataclass, field
 
 from edgeproxy.reply import Reply
+from edgeproxy.smtp.sasl import Secret
 
 
 class Command(enum.Enum):
@@ -74,6 +75,17 @@ class TlsInfo:
     version: str  # "TLSv1.3"
     cipher: str
     bits: int
+
+
+@dataclass(slots=True)
+class Authenticate(Event):
+    """Verify these credentials, then call :meth:`SmtpSession.auth_succeeded` or
+    :meth:`SmtpSession.auth_failed`; the session reads nothing meanwhile. The password is a
+    :class:`~edgeproxy.smtp.sasl.Secret`: this event's repr never shows it."""
+
+    mechanism: str
+    username: str
+    password: Secret
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from edgeproxy.fastpath import ParsedPath, RcptVerdict
+from edgeproxy.listener import ListenerKind
 from edgeproxy.reply import Reply
 
 
@@ -26,6 +27,7 @@ class SessionLimits:
     max_pipeline: int = 256  # replies owed before no further command is interpreted
     recipient_overshoot: int = 1000  # 452s per transaction before each further RCPT is an error
     starttls: bool = False  # a certificate is loaded: STARTTLS may be offered
+    auth: bool = False  # a verifier is configured: AUTH may be offered inside TLS
 
 
 class PolicyRefusal(Protocol):
@@ -41,6 +43,7 @@ class SessionPolicy(Protocol):
 
     @property
     def max_recipients(self) -> int: ...
+    def relay_grant(self, client: str, listener: ListenerKind, authenticated: bool = False) -> int: ...
     def check_sender(self, path: ParsedPath, size_limit: int | None = None) -> PolicyRefusal | None: ...
     def decide_rcpt(self, arg: str, grant: int) -> RcptVerdict: ...
     def refusal_for(self, verdict: RcptVerdict) -> PolicyRefusal | None: ...

@@ -55,7 +55,8 @@ def body_fault(violation: int, too_big: Reply) -> tuple[str, Reply]:
 
 
 def received_header(*, helo: str | None, client_address: str, hostname: str, esmtp: bool,
-                    transaction: Transaction, session_id: str, now: float, tls: TlsInfo | None = None) -> bytes:
+                    transaction: Transaction, session_id: str, now: float, tls: TlsInfo | None = None,
+                    authenticated: bool = False) -> bytes:
     """The RFC 5321 §4.4 trace header naming the real client.
 
     Only the HELO argument comes from the client; the session has refused control characters in
@@ -70,8 +71,10 @@ def received_header(*, helo: str | None, client_address: str, hostname: str, esm
         shown_helo = shown_helo.encode("ascii", "backslashreplace").decode("ascii")
     using = ""
     if tls is not None:
-        protocol += "S"  # RFC 3848
+        protocol += "S"  # RFC 3848: with TLS; "A" below: authenticated
         using = f"\r\n\t(using {tls.version} with cipher {tls.cipher} ({tls.bits}/{tls.bits} bits))"
+    if authenticated:
+        protocol += "A"
     addresses = transaction.recipient_addresses
     recipient = f"\r\n\tfor <{addresses[0]}>" if len(addresses) == 1 else ""
     header = (

@@ -32,17 +32,45 @@ from edgeproxy.smtp.events import Command
 from edgeproxy.smtp.interface import SessionLimits, SessionPolicy
 from edgeproxy.smtp.message import Transaction, body_fault, command_line, received_header
 from edgeproxy.smtp.replyqueue import ReplyQueue, Slot
+from edgeproxy.smtp.sasl import MAX_AUTH_LINE, SaslExchange
 from edgeproxy.smtp.state import OUT_OF_SEQUENCE, TRANSACTION_STATES, State
 
 __all__ = ["SessionLimits", "SessionPolicy", "SmtpSession", "State"]
+# States in which input is not interpreted as commands (it is held, or discarded).
+_HOLDING_STATES = frozenset((State.DATA, State.CLOSED, State.TLS, State.AUTH_CHECK))
 
 
 
 class SmtpSession(SessionCommands):
-    __slots__ = ("_backend_failure", "_backend_mail_refusal", "_clock", "_ending", "_events", "_expected", "_input",
-                 "_pipeline_full", "_skipping_line", "_slots", "_txn",
-                 "capabilities", "client_address", "esmtp", "grant", "helo", "limits", "listener", "policy",
-                 "progress", "session_id", "state", "stats", "tls")
+    __slots__ = (
+        "_backend_failure",
+        "_backend_mail_refusal",
+        "_clock",
+        "_ending",
+        "_events",
+        "_expected",
+        "_input",
+        "_pending_auth",
+        "_pipeline_full",
+        "_sasl",
+        "_skipping_line",
+        "_slots",
+        "_txn",
+        "authenticated_as",
+        "capabilities",
+        "client_address",
+        "esmtp",
+        "grant",
+        "helo",
+        "limits",
+        "listener",
+        "policy",
+        "progress",
+        "session_id",
+        "state",
+        "stats",
+        "tls",
+    )
 
     def __init__(
         self,
@@ -63,6 +91,9 @@ class SmtpSession(SessionCommands):
         self.session_id = session_id
         self.listener = listener
         self.tls: ev.TlsInfo | None = None  # set by tls_started: what the handshake agreed
+        self.authenticated_as: str | None = None  # set only by a verified AUTH (a real 235)
+        self._sasl: SaslExchange | None = None
+        self._pending_auth: Slot | None = None  # the reply owed to the credentials being checked
         self._clock = clock or time.time
         self.state = State.GREETING
         self.helo: str | None = None
@@ -208,7 +239,7 @@ class SmtpSession(SessionCommands):
 
     @property
     def _interpreting(self) -> bool:
-        return self.state is not State.DATA and self.state is not State.CLOSED
+        return self.state not in _HOLDING_STATES
 
     def _process(self) -> None:
         self._pipeline_full = False
@@ -229,8 +260,9 @@ class SmtpSession(SessionCommands):
                 del buffer[: newline + 1]
                 self._skipping_line = False
                 continue
+            line_limit = self._line_limit()
             if newline < 0:
-                if len(buffer) > self.limits.max_line_length:
+                if len(buffer) > line_limit:
                     buffer.clear()
                     self._skipping_line = True
                     self._error(r.LINE_TOO_LONG)
@@ -238,11 +270,20 @@ class SmtpSession(SessionCommands):
             line = bytes(buffer[: newline + 1])
             del buffer[: newline + 1]
             self.progress += 1
-            self._command(line)
+            if self.state is State.AUTH:
+                self._auth_response(line)
+            else:
+                self._command(line, line_limit)
 
-    def _command(self, line: bytes) -> None:
+    def _line_limit(self) -> int:
+        """RFC 4954 §4: AUTH lines, and the SASL responses after them, may be 12,288 octets."""
+        if self.limits.auth and (self.state is State.AUTH or self._input[:5].upper() == b"AUTH "):
+            return max(self.limits.max_line_length, MAX_AUTH_LINE + 2)
+        return self.limits.max_line_length
+
+    def _command(self, line: bytes, line_limit: int) -> None:
         try:
-            verb, arg = parse_command(line, self.esmtp and self.capabilities.smtputf8, self.limits.max_line_length)
+            verb, arg = parse_command(line, self.esmtp and self.capabilities.smtputf8, line_limit)
         except ParseError as error:
             self._error(r.FOR_COMMAND_FAULT.get(error.reason, r.UNRECOGNIZED))
             return
@@ -374,10 +415,9 @@ class SmtpSession(SessionCommands):
         "QUIT": SessionCommands._quit_command, "HELP": SessionCommands._help_command,
         "VRFY": SessionCommands._vrfy_command, "EXPN": SessionCommands._expn_command,
         "ETRN": SessionCommands._etrn_command, "STARTTLS": SessionCommands._starttls_command,
-        # Not offered: TURN never (RFC 2505 §2.11), AUTH until it is built, BDAT because
-        # CHUNKING is not advertised.
+        # Not offered: TURN never (RFC 2505 §2.11), BDAT because CHUNKING is not advertised.
+        "AUTH": SessionCommands._auth_command,
         "TURN": SessionCommands._not_implemented,
-        "AUTH": SessionCommands._not_implemented,
         "BDAT": SessionCommands._not_implemented,
     }
 
@@ -391,6 +431,7 @@ class SmtpSession(SessionCommands):
             header = received_header(
                 helo=self.helo, client_address=self.client_address, hostname=self.limits.hostname,
                 esmtp=self.esmtp, transaction=txn, session_id=self.session_id, now=self._clock(), tls=self.tls,
+                authenticated=self.authenticated_as is not None,
             )
             self._events.append(ev.BackendSend(Command.BODY, header))
 

@@ -21,15 +21,18 @@ class State(enum.Enum):
     DATA = "data"  # DATA forwarded: input is held, not interpreted, until the backend answers
     BODY = "body"  # the message body is streaming
     TLS = "tls"  # 220 to STARTTLS given: input is discarded until the handshake is done
+    AUTH = "auth"  # inside a SASL exchange: each line is a response, not a command
+    AUTH_CHECK = "auth_check"  # credentials being verified: input is held, not interpreted
     CLOSED = "closed"  # no more input is processed; close once the output is written
 
 
 # The verbs each state refuses, and with what: anything not listed is admitted wherever commands
-# are read (GREETING, DATA, BODY, TLS and CLOSED read none).
+# are read (GREETING, DATA, BODY, TLS, AUTH, AUTH_CHECK and CLOSED read none).
 OUT_OF_SEQUENCE: dict[str, dict[State, Reply]] = {
     "MAIL": {State.CONNECTED: r.NEED_HELO, State.MAIL: r.NESTED_MAIL, State.RCPT: r.NESTED_MAIL},
     "RCPT": {State.CONNECTED: r.NEED_MAIL, State.READY: r.NEED_MAIL},
     "DATA": {State.CONNECTED: r.NEED_MAIL_BEFORE_DATA, State.READY: r.NEED_MAIL_BEFORE_DATA},
     "STARTTLS": {State.MAIL: r.BAD_SEQUENCE, State.RCPT: r.BAD_SEQUENCE},
+    "AUTH": {State.CONNECTED: r.NEED_HELO, State.MAIL: r.BAD_SEQUENCE, State.RCPT: r.BAD_SEQUENCE},
 }
 TRANSACTION_STATES = frozenset((State.MAIL, State.RCPT, State.DATA, State.BODY))
