@@ -288,11 +288,14 @@ class Settings:
                 replies[variable.name[len("REPLY_") :]] = value
             else:
                 values[variable.attribute] = value
-        if values.get("max_pending_input", 1 << 62) < values.get("max_line_length", 0):
+        longest_line = values.get("max_line_length", 0)
+        if values.get("auth", "off") != "off":
+            longest_line = max(longest_line, 12290)  # RFC 4954 §4: AUTH lines of 12,288 octets
+        if values.get("max_pending_input", 1 << 62) < longest_line:
             # Else a command line of legal length could never be held whole: the session would
             # stop reading before its end and wait for it forever.
             problems.append(f"{PREFIX}MAX_PENDING_INPUT={environ.get(PREFIX + 'MAX_PENDING_INPUT')!r}: "
-                            f"must be at least {PREFIX}MAX_LINE_LENGTH ({values['max_line_length']})")
+                            f"must be at least the longest command line ({longest_line} octets)")
         problems += _tls_problems(values, environ)
         if values.get("auth") == "file" and "auth_users" in values and not values["auth_users"]:
             problems.append(f"{PREFIX}AUTH_USERS={environ.get(PREFIX + 'AUTH_USERS', '')!r}: needed with "

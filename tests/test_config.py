@@ -647,3 +647,15 @@ def test_auth_with_a_real_backend_needs_a_certificate() -> None:
     with pytest.raises(ConfigError) as error:
         load(EDGEPROXY_AUTH="backend", EDGEPROXY_BACKEND="127.0.0.1:25")
     assert error.value.problems == ["EDGEPROXY_AUTH='backend': needs EDGEPROXY_TLS_CERT and EDGEPROXY_TLS_KEY"]
+
+
+def test_held_input_must_fit_the_longest_command_line(tmp_path: Path) -> None:
+    # Else a legal line could never be held whole, and the session would wait for its end forever.
+    with pytest.raises(ConfigError) as error:
+        load(EDGEPROXY_MAX_LINE_LENGTH="8192", EDGEPROXY_MAX_PENDING_INPUT="4096")
+    assert error.value.problems == ["EDGEPROXY_MAX_PENDING_INPUT='4096': must be at least the longest command "
+                                    "line (8192 octets)"]
+    users = tmp_path / "users"
+    users.write_text(USERS, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"longest command line \(12290 octets\)"):
+        load(EDGEPROXY_AUTH="file", EDGEPROXY_AUTH_USERS=f"@{users}", EDGEPROXY_MAX_PENDING_INPUT="8192")
