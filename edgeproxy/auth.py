@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import ssl
 import time
 from collections import deque
@@ -76,12 +77,25 @@ def _check(hashed: str, password: str) -> bool:
         return False
 
 
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _hashing_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                                      thread_name_prefix="edgeproxy-hash")
+    return _POOL
+
+
 class FileVerifier:
     """``EDGEPROXY_AUTH=file``: the users file, read at start-up and on SIGHUP."""
 
     def __init__(self, users: dict[str, str], executor: concurrent.futures.Executor | None = None) -> None:
         self._users = users
-        self._executor = executor
+        # One hash per core at a time: argon2id takes 64 MiB each, so the pool is the memory bound
+        # (a queue of attempts waits its turn instead of each taking its own 64 MiB).
+        self._executor = executor or _hashing_pool()
         # An unknown user costs the same hash as a known one: timing does not tell them apart.
         self._decoy = hash_password("decoy password that matches nothing")
 
