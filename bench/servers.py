@@ -7,6 +7,8 @@ as that server's.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import shutil
 import signal
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -31,16 +34,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_greeting(port: int, timeout: float = 20.0) -> None:
+def wait_for_greeting(port: int, timeout: float = 20.0, process: subprocess.Popen[bytes] | None = None,
+                      log: Path | None = None) -> None:
+    """Until something greets on ``port``; fails at once, with its log's tail, if ``process`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode} before greeting"
+                               + (f":\n{tail}" if tail else ""))
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
                 if sock.recv(100).startswith(b"220"):
                     return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing greets on 127.0.0.1:{port} after {timeout} s")
+    tail = log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
+    raise RuntimeError(f"nothing greets on 127.0.0.1:{port} after {timeout} s" + (f"; its log ends:\n{tail}" if tail
+                                                                                   else ""))
 
 
 def process_tree(pids: list[int]) -> list[psutil.Process]:
@@ -101,54 +112,162 @@ class SmtpSink(Server):
 
     name = "sink"
 
-    def __init__(self) -> None:
+    def __init__(self, max_sessions: int | None = None) -> None:
         super().__init__()
         self.dump = self.root / "dump"
         self.dump.mkdir()
         self.native = Path(SMTP_SINK).exists()
+        # smtp-sink serves at most this many sessions at once (-m, its default 256); further
+        # connections wait, accepted by the kernel, in the listen backlog.
+        self.max_sessions = max_sessions
 
     def start(self) -> SmtpSink:
         if self.native:
             # smtp-sink drops to "nobody", which must reach the dump directory to write to it.
             self.root.chmod(0o755)
             self.dump.chmod(0o777)
-            command = [SMTP_SINK, "-u", "nobody", "-d", f"{self.dump}/%H%M%S.", f"127.0.0.1:{self.port}", "4096"]
+            limit = ["-m", str(self.max_sessions)] if self.max_sessions else []
+            command = [SMTP_SINK, "-u", "nobody", *limit, "-d", f"{self.dump}/%H%M%S.", f"127.0.0.1:{self.port}",
+                       "4096"]
         else:
+            if self.max_sessions:
+                raise RuntimeError("a backend limited in sessions needs Postfix's smtp-sink")
             command = [sys.executable, "-m", "edgeproxy", "sink", "--listen", f"127.0.0.1:{self.port}",
                        "--dir", str(self.dump)]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_greeting(self.port)
+        wait_for_greeting(self.port, process=self.process)
         return self
 
     def messages(self) -> list[bytes]:
         return [path.read_bytes() for path in self.dump.rglob("*") if path.is_file() and not path.name.startswith(".")]
 
 
-class EdgeproxyServer(Server):
-    name = "edgeproxy"
+PROBE = """
+import json
+import sys
+import edgeproxy
+found = {"file": edgeproxy.__file__, "variables": None, "fastpath": "?"}
+try:
+    from edgeproxy.config import VARIABLES
+    found["variables"] = [variable.env for variable in VARIABLES]
+except Exception as error:
+    found["why"] = repr(error)
+try:
+    from edgeproxy import fastpath
+    found["fastpath"] = fastpath.IMPLEMENTATION
+except Exception as error:
+    found["fastpath"] = repr(error)
+found["modules"] = {name: getattr(module, "__file__", None) for name, module in sys.modules.items()
+                    if name == "edgeproxy" or name.startswith("edgeproxy.")}
+print(json.dumps(found))
+"""
+REQUIRED = ("EDGEPROXY_LISTEN", "EDGEPROXY_BACKEND")
 
-    def __init__(self, backend: tuple[str, int], workers: int = 1, **env: str) -> None:
-        super().__init__()
-        self.env = {
-            "EDGEPROXY_LISTEN": f"127.0.0.1:{self.port}",
-            "EDGEPROXY_BACKEND": f"{backend[0]}:{backend[1]}",
-            "EDGEPROXY_LOCAL_DOMAINS": "example.test",
-            "EDGEPROXY_WORKERS": str(workers),
-            "EDGEPROXY_MAX_CONNECTIONS": "30000",
-            "EDGEPROXY_MAX_CONNECTIONS_PER_IP": "0",
-            "EDGEPROXY_MAX_ERRORS": "1000",
-            "EDGEPROXY_LOG_LEVEL": "warning",
-            **{f"EDGEPROXY_{key.upper()}": value for key, value in env.items()},
-        }
 
-    def start(self) -> EdgeproxyServer:
+@dataclass(frozen=True)
+class EdgeproxyBuild:
+    """Which edgeproxy code a system runs: the installed package (``source`` None), or a source
+    checkout run as ``PYTHONPATH=source python -m edgeproxy serve`` from inside it (so neither the
+    installed package nor the current directory's can shadow it). A checkout needs its extension
+    built in place (``python setup.py build_ext --inplace``), else it runs the pure-Python twin."""
+
+    name: str = "edgeproxy"
+    source: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.source is not None and not (self.source / "edgeproxy" / "__main__.py").is_file():
+            raise ValueError(f"{self.source}: no edgeproxy/__main__.py there, not an edgeproxy checkout")
+
+    def environment(self) -> tuple[dict[str, str], str | None]:
+        """The environment (no EDGEPROXY_* but NO_EXTENSIONS inherited) and working directory."""
         clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPROXY_")}
         if os.environ.get("EDGEPROXY_NO_EXTENSIONS"):
             clean["EDGEPROXY_NO_EXTENSIONS"] = os.environ["EDGEPROXY_NO_EXTENSIONS"]
-        self.process = subprocess.Popen([sys.executable, "-m", "edgeproxy", "serve"], env={**clean, **self.env},
-                                        stdout=subprocess.DEVNULL, stderr=open(self.root / "log", "wb"))  # noqa: SIM115
-        wait_for_greeting(self.port)
+        if self.source is None:
+            return clean, None
+        clean["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.source), clean.get("PYTHONPATH")]))
+        return clean, str(self.source)
+
+    @functools.cached_property
+    def probe(self) -> dict[str, object]:
+        """Where its code is imported from, its ``config.VARIABLES`` names and its fast path."""
+        env, cwd = self.environment()
+        done = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=cwd, capture_output=True, text=True,
+                              timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"{self.name}: cannot import edgeproxy: {done.stderr[-2000:]}")
+        found: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+        if self.source is not None:
+            # An editable install's import hook serves any edgeproxy module the checkout lacks
+            # (typically the compiled extension, not built there) from the installed package.
+            modules: dict[str, str | None] = found["modules"]  # type: ignore[assignment]
+            foreign = {name: file for name, file in modules.items()
+                       if file and not Path(file).resolve().is_relative_to(self.source.resolve())}
+            if foreign:
+                listed = ", ".join(f"{name} from {file}" for name, file in sorted(foreign.items()))
+                raise RuntimeError(f"{self.name}: imports {listed}, not from {self.source} (is its extension "
+                                   f"built in place? cd {self.source} && python setup.py build_ext --inplace)")
+        return found
+
+    @functools.cache  # noqa: B019 - a handful of builds, alive for the whole run
+    def knows(self, name: str, value: str) -> bool:
+        """Whether this build's configuration has the variable ``name``: from its VARIABLES
+        table, else by whether ``edgeproxy config`` with it set exits 0."""
+        names = self.probe["variables"]
+        if isinstance(names, list):
+            return name in names
+        env, cwd = self.environment()
+        env.update({"EDGEPROXY_LISTEN": "127.0.0.1:2525", "EDGEPROXY_BACKEND": "127.0.0.1:2526", name: value})
+        done = subprocess.run([sys.executable, "-m", "edgeproxy", "config"], env=env, cwd=cwd, capture_output=True,
+                              text=True, timeout=60)
+        return done.returncode == 0
+
+    def describe(self) -> dict[str, object]:
+        commit = ""
+        source = self.source or Path(str(self.probe["file"])).parent.parent
+        done = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30)  # read-only: never refreshes the index
+        if done.returncode == 0:
+            commit = done.stdout.strip()
+        return {"system": self.name, "source": str(self.source) if self.source else "installed package",
+                "imports": self.probe["file"], "commit": commit, "fastpath": self.probe["fastpath"]}
+
+
+class EdgeproxyServer(Server):
+    """``edgeproxy serve`` in front of ``backend``. ``settings`` maps EDGEPROXY_* names to values;
+    those the build does not know are left out (its configuration refuses unknown names) and
+    listed in ``skipped``."""
+
+    name = "edgeproxy"
+
+    def __init__(self, backend: tuple[str, int], workers: int = 1, build: EdgeproxyBuild | None = None,
+                 settings: dict[str, str] | None = None) -> None:
+        self.build = build or EdgeproxyBuild()
+        self.name = self.build.name
+        super().__init__()
+        wanted = {
+            "EDGEPROXY_LISTEN": f"127.0.0.1:{self.port}",
+            "EDGEPROXY_BACKEND": f"{backend[0]}:{backend[1]}",
+            "EDGEPROXY_WORKERS": str(workers),
+            **(settings or {}),
+        }
+        self.env = {name: value for name, value in wanted.items() if self.build.knows(name, value)}
+        self.skipped = sorted(set(wanted) - set(self.env))
+        missing = [name for name in REQUIRED if name in self.skipped]
+        if missing:
+            raise RuntimeError(f"{self.name} does not know {', '.join(missing)}")
+
+    def start(self) -> EdgeproxyServer:
+        env, cwd = self.build.environment()
+        log = self.root / "log"
+        self.process = subprocess.Popen([sys.executable, "-m", "edgeproxy", "serve"], env={**env, **self.env},
+                                        cwd=cwd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))  # noqa: SIM115
+        wait_for_greeting(self.port, process=self.process, log=log)
         return self
+
+    def log_text(self) -> str:
+        log = self.root / "log"
+        return log.read_text(errors="replace") if log.exists() else ""
 
 
 class HaproxyTcp(Server):
@@ -170,7 +289,7 @@ class HaproxyTcp(Server):
         )
         self.process = subprocess.Popen([HAPROXY, "-f", str(config), "-db"], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
-        wait_for_greeting(self.port)
+        wait_for_greeting(self.port, process=self.process)
         return self
 
 

@@ -1,12 +1,17 @@
-"""The load-test harness on a short run: it must count correctly and write every output."""
+"""The load-test harness on short runs: it must count correctly, name why sessions failed, and
+write every output."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
+from bench import loadgen, report, runner
+from bench.servers import EdgeproxyBuild, free_port
 from tests.conftest import require_tool
 
 
@@ -36,3 +41,157 @@ def test_quick_bench_run_counts_correctly_and_writes_its_report(tmp_path: Path) 
     assert {ratio["reference"] for ratio in data["ratios"]} == {"direct", "postfix"}
     assert (output / "report.md").read_text().startswith("# edgeproxy benchmark")
     assert (output / "relay-storm.png").stat().st_size > 1000
+    # The proxy ran on its defaults but for what the load needs; never the removed pool setting.
+    settings = runs[("relay-storm", "edgeproxy")]["settings"]
+    assert settings["EDGEPROXY_MAX_CONNECTIONS_PER_IP"] == "0"
+    assert "EDGEPROXY_BACKEND_POOL_SIZE" not in settings
+
+
+async def _fake_servers() -> tuple[dict[str, int], list[asyncio.AbstractServer]]:
+    """Servers that fail a session in known ways: a 451 4.4.1 at RCPT, a close before the
+    greeting, no greeting at all; and a port nobody listens on."""
+
+    async def refuses_rcpt(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 fake ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-fake\r\n250 PIPELINING\r\n")
+            elif verb == b"RCPT":
+                writer.write(b"451 4.4.1 Mail server temporarily unavailable\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 2.0.0 Bye\r\n")
+                break
+            else:
+                writer.write(b"250 2.0.0 Ok\r\n")
+        writer.close()
+
+    async def closes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    servers = [await asyncio.start_server(handler, "127.0.0.1", 0) for handler in (refuses_rcpt, closes, silent)]
+    ports = {name: server.sockets[0].getsockname()[1] for name, server in zip(("rcpt", "closes", "silent"), servers,
+                                                                                  strict=True)}
+    ports["nobody"] = free_port()
+    return ports, servers
+
+
+def test_failed_sessions_are_counted_by_reason_in_every_output(tmp_path: Path) -> None:
+    async def run() -> dict[str, loadgen.Result]:
+        ports, servers = await _fake_servers()
+        results = {}
+        for name, port in ports.items():
+            job = loadgen.Job("127.0.0.1", port, "deliver", 2, 5, 4, 2048, session_timeout=0.5)
+            results[name] = await loadgen.drive(job)
+        for server in servers:
+            server.close()
+        return results
+
+    results = asyncio.run(run())
+    assert results["rcpt"].errors == {"451 4.4.1 at RCPT": 4}
+    assert set(results["closes"].errors) <= {"connection closed waiting for greeting",
+                                             "ConnectionResetError waiting for greeting"}
+    assert results["silent"].errors == {"timeout waiting for greeting": 4}
+    assert results["nobody"].errors == {"ConnectionRefusedError at connect": 4}
+    for result in results.values():
+        assert result.failed == sum(result.errors.values()) == 4 and result.delivered == 0
+
+    setup = runner.Setup(duration=0.3)
+    rows = [runner._measurement("deliver", "edgeproxy", 2, setup, result, 1.0, runner.Sampler([]), 0, [],
+                                correct=result.failed == 0, settings={})
+            for result in (results["rcpt"], results["silent"])]
+    assert rows[0].problems == "4 sessions failed: 4× 451 4.4.1 at RCPT"
+    assert not rows[0].correct and rows[0].failures == {"451 4.4.1 at RCPT": 4}
+    assert "4 (4× 451 4.4.1 at RCPT)" in report.table(rows)
+    assert "4 (4× timeout waiting for greeting)" in report.terminal(rows, [], [])
+    report.write(tmp_path, rows, [], "python -m bench (test)")
+    markdown = (tmp_path / "report.md").read_text()
+    assert "4 sessions failed: 4× 451 4.4.1 at RCPT" in markdown and "timeout waiting for greeting" in markdown
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["runs"][1]["failures"] == {"timeout waiting for greeting": 4}
+
+
+def _checkout(root: Path, **modules: str) -> Path:
+    """A stand-in edgeproxy checkout with just these modules (and a fast path)."""
+    package = root / "edgeproxy"
+    package.mkdir(parents=True)
+    modules = {"__init__": "", "fastpath": "IMPLEMENTATION = 'c'\n", **modules}
+    for name, text in modules.items():
+        (package / f"{name}.py").write_text(textwrap.dedent(text))
+    return root
+
+
+def test_a_build_is_only_given_the_variables_it_knows(tmp_path: Path) -> None:
+    """An older checkout without the new names: read from its VARIABLES, or else by asking its
+    ``config`` command; its code is imported from the checkout, not the installed package."""
+    old = _checkout(tmp_path / "old", __main__="raise SystemExit(0)\n", config="""
+        class Variable:
+            def __init__(self, name):
+                self.env = "EDGEPROXY_" + name
+        VARIABLES = [Variable(n) for n in ("LISTEN", "BACKEND", "BACKEND_POOL_SIZE", "MAX_CONNECTIONS_PER_IP")]
+    """)
+    build = EdgeproxyBuild("edgeproxy@baseline", old)
+    assert Path(str(build.probe["file"])).parent == old / "edgeproxy"
+    assert build.knows("EDGEPROXY_MAX_CONNECTIONS_PER_IP", "0")
+    assert not build.knows("EDGEPROXY_BACKEND_MAX_CONNECTIONS", "100")
+
+    older = _checkout(tmp_path / "older", config="", __main__="""
+        import os, sys
+        known = {"EDGEPROXY_LISTEN", "EDGEPROXY_BACKEND", "EDGEPROXY_MAX_CONNECTIONS_PER_IP"}
+        unknown = [name for name in os.environ if name.startswith("EDGEPROXY_") and name not in known]
+        raise SystemExit(1 if sys.argv[1:] == ["config"] and unknown else 0)
+    """)  # no VARIABLES table: its config command decides
+    build = EdgeproxyBuild("edgeproxy@baseline", older)
+    assert build.knows("EDGEPROXY_MAX_CONNECTIONS_PER_IP", "0")
+    assert not build.knows("EDGEPROXY_SESSION_TIMEOUT", "3600")
+
+    # A checkout lacking a module (say its extension, not built) would import the installed
+    # package's through the editable install's hook, if there is one: refused.
+    partial = _checkout(tmp_path / "partial", __main__="", config="VARIABLES = []\n")
+    (partial / "edgeproxy" / "fastpath.py").unlink()
+    try:
+        found = EdgeproxyBuild("edgeproxy@baseline", partial).probe
+    except RuntimeError as error:
+        assert "edgeproxy.fastpath from" in str(error) and "build_ext --inplace" in str(error)
+    else:
+        assert found["fastpath"] != "c"  # no such hook: the checkout's own (missing) fast path
+
+
+def test_quick_hostile_run_counts_what_every_client_did(tmp_path: Path) -> None:
+    require_tool("smtp-sink")
+    output = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--scenario", "hostile", "--references", "direct",
+         "--hostile-clients", "6", "--session-timeout", "3", "--output", str(output)],
+        capture_output=True, text=True, timeout=120,
+    )
+    data = json.loads((output / "results.json").read_text())
+    runs = {run["system"]: run for run in data["runs"]}
+    assert set(runs) == {"edgeproxy", "direct"}, result.stdout + result.stderr
+    for system, run in runs.items():
+        assert run["scenario"] == "hostile" and run["correct"], run
+        info = run["hostile"]
+        assert info["clients"] == {"never-read": 2, "rcpt-flood": 2, "idle": 2}
+        kinds = info["kinds"]
+        # Every idle client delivered before the writers came, and its message is in the sink.
+        assert kinds["idle"]["delivered"] == 2
+        assert run["sink_messages"] == run["delivered"] + 2
+        assert kinds["never-read"]["bytes_written"] > 0
+        for stats in kinds.values():  # each connection ended closed by the server or open at the end
+            assert stats["connected"] == 2
+            assert stats["closed_by_server"] + stats["open_at_end"] == 2, (system, stats)
+            assert stats["bytes_written"] <= 64 * 2**20
+        assert 1 <= run["peak_backend_connections"] <= 100
+        assert run["peak_backend_established"] >= max(run["peak_backend_connections"], run["peak_backend_queued"])
+        # Whatever failed is counted by a named reason, in JSON, terminal and Markdown alike.
+        assert run["failed"] == sum(run["failures"].values())
+        for reason in run["failures"]:
+            assert reason and reason in result.stdout and reason in (output / "report.md").read_text()
+    proxy = runs["edgeproxy"]
+    assert proxy["delivered"] > 0 and proxy["sut_cpu_s"] > 0
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "## Hostile" in (output / "report.md").read_text()
