@@ -130,6 +130,9 @@ _SETTINGS_VARIABLES: tuple[Variable, ...] = (
     Variable("RECIPIENT_OVERSHOOT_LIMIT", int_parser(0), "1000",
              "RCPTs past MAX_RECIPIENTS answered 452 in a transaction before each further one counts "
              "as an error (Postfix's smtpd_recipient_overshoot_limit)", "100"),
+    Variable("JUNK_COMMAND_LIMIT", int_parser(1), "100",
+             "NOOP, RSET, VRFY, HELP, EXPN and ETRN per session (until a message is delivered) before each "
+             "further one counts as an error (Postfix's smtpd_junk_command_limit)", "20"),
     Variable("MAX_PENDING_INPUT", int_parser(4096), "65536",
              "Octets of a client's input held unanswered before the proxy stops reading from it", "262144"),
     Variable("MAX_PIPELINE", int_parser(1), "256",
@@ -234,6 +237,7 @@ class Settings:
     max_body_line_length: int
     max_errors: int
     recipient_overshoot_limit: int
+    junk_command_limit: int
     max_pending_input: int
     max_pipeline: int
     max_connections: int

@@ -88,6 +88,12 @@ class ClientProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        try:
+            self._admit(transport)
+        except Exception:
+            self._crash()
+
+    def _admit(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
         self.client = peer[0] if peer else "?"
         set_nodelay(transport)

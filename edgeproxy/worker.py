@@ -42,6 +42,7 @@ class ServerState:
             max_pending_input=settings.max_pending_input,
             max_pipeline=settings.max_pipeline,
             recipient_overshoot=settings.recipient_overshoot_limit,
+            junk_command_limit=settings.junk_command_limit,
             starttls=self.tls_context is not None,
             auth=self.verifier is not None and self.tls_context is not None,
         )

@@ -80,6 +80,7 @@ def make_session(
         max_pending_input=config.max_pending_input,
         max_pipeline=config.max_pipeline,
         recipient_overshoot=config.recipient_overshoot_limit,
+        junk_command_limit=config.junk_command_limit,
     )
     keywords = None if backend_ehlo is None else list(backend_ehlo)
     capabilities = Capabilities.negotiate(config.max_message_size, keywords)

@@ -604,3 +604,27 @@ def test_data_before_mail_says_so(make_proxy, sink) -> None:
     assert replies[1:] == [r.NEED_MAIL_BEFORE_DATA.encode(), r.SENDER_OK.encode(), r.RESET_OK.encode(),
                            r.NEED_MAIL_BEFORE_DATA.encode(), r.CLOSING.encode()]
 
+
+
+# -- found by the hostile bench: a NOOP loop ---------------------------------------------------
+
+
+def test_noop_loop_past_the_junk_command_limit_is_disconnected(make_proxy, sink) -> None:
+    """Postfix's smtpd_junk_command_limit: NOOPs past the limit are still answered, but each
+    counts as an error, so a client looping on them (reading or not) soon gets 421 and loses
+    its slot instead of costing the worker CPU for as long as it likes."""
+    proxy = make_proxy(sink.address, junk_command_limit="5", max_errors="3")
+    reply = raw_session(proxy.port, b"EHLO c\r\n" + b"NOOP\r\n" * 20)
+    assert reply_codes(reply) == [250] + [250] * 8 + [r.TOO_MANY_ERRORS.code]
+
+
+def test_a_delivered_message_resets_the_junk_count(make_proxy, sink) -> None:
+    """RSET between messages is how a sender keeps one connection for many: never an error
+    while it delivers."""
+    proxy = make_proxy(sink.address, junk_command_limit="2", max_errors="2")
+    with proxy.client() as client:
+        for number in range(5):
+            for _ in range(2):
+                assert client.rset()[0] == 250
+            client.sendmail("a@b.test", ["u@example.test"], f"Subject: {number}\r\n\r\nx\r\n")
+    assert wait_for(lambda: len(sink.messages) == 5)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from edgeproxy.smtp import events as ev
 from edgeproxy.smtp import replies as r
 from edgeproxy.smtp.events import Command
-from edgeproxy.smtp.sasl import MECHANISMS, Challenge, Credentials, Failed, SaslExchange, Step
+from edgeproxy.smtp.sasl import MAX_AUTH_LINE, MECHANISMS, Challenge, Credentials, Failed, SaslExchange, Step
 from edgeproxy.smtp.state import State
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ class SessionCommands:
         _events: list[ev.Event]
         _reply: Callable[..., Slot]
         _error: Callable[[Reply], None]
+        _count_error: Callable[[], None]
         _finish: Callable[[Reply], None]
         _send: Callable[..., None]
         _abandon_transaction: Callable[[], None]
@@ -129,6 +130,12 @@ class SessionCommands:
 
     # -- AUTH (RFC 4954) -------------------------------------------------------------------------
 
+    def _line_limit(self) -> int:
+        """RFC 4954 §4: AUTH lines, and the SASL responses after them, may be 12,288 octets."""
+        if self.limits.auth and (self.state is State.AUTH or self._input[:5].upper() == b"AUTH "):
+            return max(self.limits.max_line_length, MAX_AUTH_LINE + 2)
+        return self.limits.max_line_length
+
     def _auth_command(self, arg: str) -> None:
         mechanism, _, initial = arg.strip(" ").partition(" ")
         if not self.limits.auth:
@@ -186,9 +193,7 @@ class SessionCommands:
             return
         slot.data = reply.encode()
         if reply.is_permanent:
-            self.stats.errors += 1
-            if self.stats.errors >= self.limits.max_errors:
-                self._finish(r.TOO_MANY_ERRORS)
+            self._count_error()
         self._process()
 
     def _end_auth(self) -> Slot | None:

@@ -26,6 +26,7 @@ class SessionLimits:
     max_pending_input: int = 65536  # octets of client input held unanswered before reading stops
     max_pipeline: int = 256  # replies owed before no further command is interpreted
     recipient_overshoot: int = 1000  # 452s per transaction before each further RCPT is an error
+    junk_command_limit: int = 100  # NOOP, RSET, VRFY... before each further one is an error
     starttls: bool = False  # a certificate is loaded: STARTTLS may be offered
     auth: bool = False  # a verifier is configured: AUTH may be offered inside TLS
 

@@ -32,12 +32,10 @@ from edgeproxy.smtp.events import Command
 from edgeproxy.smtp.interface import SessionLimits, SessionPolicy
 from edgeproxy.smtp.message import Transaction, body_fault, command_line, received_header
 from edgeproxy.smtp.replyqueue import ReplyQueue, Slot
-from edgeproxy.smtp.sasl import MAX_AUTH_LINE, SaslExchange
-from edgeproxy.smtp.state import OUT_OF_SEQUENCE, TRANSACTION_STATES, State
+from edgeproxy.smtp.sasl import SaslExchange
+from edgeproxy.smtp.state import HOLDING_STATES, JUNK_VERBS, OUT_OF_SEQUENCE, TRANSACTION_STATES, State
 
 __all__ = ["SessionLimits", "SessionPolicy", "SmtpSession", "State"]
-# States in which input is not interpreted as commands (it is held, or discarded).
-_HOLDING_STATES = frozenset((State.DATA, State.CLOSED, State.TLS, State.AUTH_CHECK))
 
 
 
@@ -50,6 +48,7 @@ class SmtpSession(SessionCommands):
         "_events",
         "_expected",
         "_input",
+        "_junk_commands",
         "_pending_auth",
         "_pipeline_full",
         "_sasl",
@@ -94,6 +93,7 @@ class SmtpSession(SessionCommands):
         self.authenticated_as: str | None = None  # set only by a verified AUTH (a real 235)
         self._sasl: SaslExchange | None = None
         self._pending_auth: Slot | None = None  # the reply owed to the credentials being checked
+        self._junk_commands = 0
         self._clock = clock or time.time
         self.state = State.GREETING
         self.helo: str | None = None
@@ -239,7 +239,7 @@ class SmtpSession(SessionCommands):
 
     @property
     def _interpreting(self) -> bool:
-        return self.state not in _HOLDING_STATES
+        return self.state not in HOLDING_STATES
 
     def _process(self) -> None:
         self._pipeline_full = False
@@ -275,12 +275,6 @@ class SmtpSession(SessionCommands):
             else:
                 self._command(line, line_limit)
 
-    def _line_limit(self) -> int:
-        """RFC 4954 §4: AUTH lines, and the SASL responses after them, may be 12,288 octets."""
-        if self.limits.auth and (self.state is State.AUTH or self._input[:5].upper() == b"AUTH "):
-            return max(self.limits.max_line_length, MAX_AUTH_LINE + 2)
-        return self.limits.max_line_length
-
     def _command(self, line: bytes, line_limit: int) -> None:
         try:
             verb, arg = parse_command(line, self.esmtp and self.capabilities.smtputf8, line_limit)
@@ -296,6 +290,12 @@ class SmtpSession(SessionCommands):
             self._error(refused[self.state])
             return
         handler(self, arg)
+        if verb in JUNK_VERBS:
+            # Postfix's smtpd_junk_command_limit: answered all the same, but past the limit each
+            # counts toward MAX_ERRORS, so a NOOP loop cannot hold the worker or its slot.
+            self._junk_commands += 1
+            if self._junk_commands > self.limits.junk_command_limit and self.state is not State.CLOSED:
+                self._count_error()
 
     # -- replies -------------------------------------------------------------------------------
 
@@ -304,6 +304,9 @@ class SmtpSession(SessionCommands):
 
     def _error(self, reply: Reply) -> None:
         self._reply(reply)
+        self._count_error()
+
+    def _count_error(self) -> None:
         self.stats.errors += 1
         if self.stats.errors >= self.limits.max_errors:
             self._finish(r.TOO_MANY_ERRORS)
@@ -491,4 +494,5 @@ class SmtpSession(SessionCommands):
     def _transaction_ended(self, delivered: bool, code: int, recipients: int, size: int) -> None:
         if delivered:
             self.stats.messages += 1
+            self._junk_commands = 0  # a client that delivers is no idler
         self._events.append(ev.TransactionEnded(delivered, recipients, size, code))

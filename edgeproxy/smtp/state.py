@@ -36,3 +36,7 @@ OUT_OF_SEQUENCE: dict[str, dict[State, Reply]] = {
     "AUTH": {State.CONNECTED: r.NEED_HELO, State.MAIL: r.BAD_SEQUENCE, State.RCPT: r.BAD_SEQUENCE},
 }
 TRANSACTION_STATES = frozenset((State.MAIL, State.RCPT, State.DATA, State.BODY))
+# States in which input is not interpreted as commands (it is held, or discarded).
+HOLDING_STATES = frozenset((State.DATA, State.CLOSED, State.TLS, State.AUTH_CHECK))
+# Postfix's junk commands: cheap to send, answered locally, and no step toward delivering mail.
+JUNK_VERBS = frozenset(("NOOP", "RSET", "VRFY", "HELP", "EXPN", "ETRN"))
