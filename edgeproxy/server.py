@@ -41,6 +41,7 @@ class ClientProtocol(asyncio.Protocol):
         "_backend_writable",
         "_client_writable",
         "_closing",
+        "_early_tls_data",
         "_handshaking",
         "_last_progress",
         "_log",
@@ -78,6 +79,7 @@ class ClientProtocol(asyncio.Protocol):
         self._resume_scheduled = False
         self._tls_wanted = False  # STARTTLS answered 220: hand-shake once that reply is out
         self._handshaking = False
+        self._early_tls_data = b""
         self._tls_task: asyncio.Task[None] | None = None
         self._auth_task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -144,6 +146,11 @@ class ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         session = self.session
         if session is None or self._closing:
+            return
+        if self._handshaking:
+            # Only the TLS layer reads now (the raw transport was paused first), so this is the
+            # client's first words inside TLS, come before the handshake's coroutine resumed.
+            self._early_tls_data += data
             return
         progress = session.progress
         try:
@@ -259,6 +266,10 @@ class ClientProtocol(asyncio.Protocol):
     def _start_tls(self) -> None:
         context = self.state.tls_context
         assert context is not None and self.transport is not None
+        # Not one more byte for the session: the next ones are the ClientHello, which must wait
+        # in the socket for the TLS layer (start_tls resumes reading once it owns the transport).
+        self.transport.pause_reading()
+        self._reading = False
         self._handshaking = True
         self._tls_task = asyncio.get_running_loop().create_task(self._handshake(self.transport, context))
 
@@ -274,6 +285,9 @@ class ClientProtocol(asyncio.Protocol):
                 self.log.info("tls_failed", reason=str(error) or type(error).__name__)
                 self._closing = True
                 transport.abort()
+            # asyncio's SSL layer does not pass a loss during the handshake on to us: release the
+            # session's slot here (a second call, where the loop does pass it on, does nothing).
+            self.connection_lost(error if isinstance(error, Exception) else None)
             return
         finally:
             self._handshaking = False
@@ -288,6 +302,9 @@ class ClientProtocol(asyncio.Protocol):
         cipher = ssl_object.cipher() if ssl_object is not None else None
         session.tls_started(ev.TlsInfo(ssl_object.version() if ssl_object else "TLS",
                                        cipher[0] if cipher else "unknown", cipher[2] if cipher else 0))
+        early, self._early_tls_data = self._early_tls_data, b""
+        if early:
+            session.receive_data(early)  # said inside TLS before this coroutine resumed
         if self.listener.implicit_tls:
             self._schedule_greeting()
         else:
@@ -397,6 +414,10 @@ class ClientProtocol(asyncio.Protocol):
         self._timer = None
         session = self.session
         if self._closing or session is None:
+            return
+        if self._handshaking:
+            # The handshake has its own limit, and a reply now would go out in plaintext.
+            self._timer = asyncio.get_running_loop().call_later(1.0, self._check_timeouts)
             return
         settings = self.state.settings
         now = asyncio.get_running_loop().time()
