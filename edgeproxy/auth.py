@@ -123,7 +123,15 @@ class BackendVerifier:
                                  tls_context=self._tls_context)
         try:
             await client.connect()
-            await client.login(username, password.reveal())
+            # One mechanism, one attempt: login() would try each offered one in turn, and a wrong
+            # password would count twice against the backend's own lockout.
+            methods = client.server_auth_methods
+            if "plain" in methods:
+                await client.auth_plain(username, password.reveal())
+            elif "login" in methods:
+                await client.auth_login(username, password.reveal())
+            else:
+                return UNAVAILABLE
         except aiosmtplib.SMTPAuthenticationError as error:
             if 400 <= error.code < 500:
                 return UNAVAILABLE

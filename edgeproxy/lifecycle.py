@@ -79,7 +79,8 @@ async def serve(settings: Settings, backend: tuple[str, int], listeners: list[Li
     bound = []
     for host, port, kind in listeners:
         sock = listen_socket(host, port, reuse_port)
-        servers.append(await loop.create_server(state.protocol_factory(kind), sock=sock, backlog=LISTEN_BACKLOG))
+        servers.append(await loop.create_server(state.protocol_factory(kind), sock=sock, backlog=LISTEN_BACKLOG,
+                                                **state.listener_options(kind)))  # type: ignore[arg-type]
         name = sock.getsockname()
         bound.append(f"[{name[0]}]:{name[1]}" if sock.family == socket.AF_INET6 else f"{name[0]}:{name[1]}")
     from edgeproxy import fastpath

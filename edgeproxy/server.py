@@ -122,8 +122,13 @@ class ClientProtocol(asyncio.Protocol):
         self._started = self._last_progress = loop.time()
         self._timer = loop.call_later(state.settings.timeout, self._check_timeouts)
         if self.listener.implicit_tls:
-            self._start_tls()  # RFC 8314: TLS from the first byte; the greeting comes inside it
-            return
+            # RFC 8314: the listener's own TLS layer did the handshake before this connection was
+            # handed to us (ServerState.implicit_tls_context); without one, no plaintext at all.
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is None:
+                self._finish()
+                return
+            self.session.tls_started(_tls_info(ssl_object))
         self._schedule_greeting()
 
     def _schedule_greeting(self) -> None:
@@ -298,17 +303,11 @@ class ClientProtocol(asyncio.Protocol):
         self.transport = secured  # type: ignore[assignment]
         self._reading = True
         self._last_progress = loop.time()
-        ssl_object = secured.get_extra_info("ssl_object")
-        cipher = ssl_object.cipher() if ssl_object is not None else None
-        session.tls_started(ev.TlsInfo(ssl_object.version() if ssl_object else "TLS",
-                                       cipher[0] if cipher else "unknown", cipher[2] if cipher else 0))
+        session.tls_started(_tls_info(secured.get_extra_info("ssl_object")))
         early, self._early_tls_data = self._early_tls_data, b""
         if early:
             session.receive_data(early)  # said inside TLS before this coroutine resumed
-        if self.listener.implicit_tls:
-            self._schedule_greeting()
-        else:
-            self._pump()
+        self._pump()
 
     def _schedule_resume(self) -> None:
         """More input is waiting behind the pipeline bound: take it on the loop's next turn, so
@@ -483,3 +482,9 @@ class ClientProtocol(asyncio.Protocol):
             self._handle_events(self.session.take_events())
         if self.transport is not None:
             self.transport.abort()
+
+
+def _tls_info(ssl_object: ssl.SSLObject | None) -> ev.TlsInfo:
+    cipher = ssl_object.cipher() if ssl_object is not None else None
+    return ev.TlsInfo(ssl_object.version() or "TLS" if ssl_object is not None else "TLS",
+                      cipher[0] if cipher else "unknown", cipher[2] if cipher else 0)

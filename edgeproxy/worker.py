@@ -29,6 +29,7 @@ class ServerState:
         self.settings = settings
         self.policy = Policy(settings)
         self.tls_context = _server_tls(settings)
+        self._implicit_context: ssl.SSLContext | None = None
         self.verifier = _verifier(settings, backend)
         self.auth_failures = FailureCounter(settings.auth_failure_limit)
         self.limits = SessionLimits(
@@ -71,6 +72,30 @@ class ServerState:
         self._capabilities_for: list[str] | None = None
         self._capabilities = Capabilities.negotiate(settings.max_message_size, None)
         self._id_prefix = f"{os.getpid():x}"
+
+    def implicit_tls_context(self) -> ssl.SSLContext | None:
+        """The context an implicit-TLS listener is created with. Its SNI callback (OpenSSL calls it
+        for every ClientHello, SNI or not) hands each handshake the context current at that
+        moment, so a SIGHUP reload reaches new connections on that listener too."""
+        if self.tls_context is None:
+            return None
+        if self._implicit_context is None:
+            context = self._implicit_context = _server_tls(self.settings)
+            assert context is not None
+
+            def current(ssl_object: ssl.SSLObject, _name: str | None, _context: ssl.SSLContext) -> None:
+                ssl_object.context = self.tls_context  # type: ignore[assignment]
+
+            context.sni_callback = current
+        return self._implicit_context
+
+    def listener_options(self, kind: ListenerKind) -> dict[str, object]:
+        """create_server keywords for a listener of ``kind``: TLS from the first byte for
+        submissions, within the handshake limit."""
+        context = self.implicit_tls_context() if kind.implicit_tls else None
+        if context is None:
+            return {}
+        return {"ssl": context, "ssl_handshake_timeout": self.settings.tls_handshake_timeout}
 
     def capabilities(self) -> Capabilities:
         keywords = self.pool.keywords

@@ -71,7 +71,9 @@ class ProxyThread:
         self.state = ServerState(self.settings, self.backend)
         await self.state.pool.probe()
         self._servers = [
-            await self.loop.create_server(self.state.protocol_factory(kind), "127.0.0.1", 0) for kind in ListenerKind
+            await self.loop.create_server(self.state.protocol_factory(kind), "127.0.0.1", 0,
+                                          **self.state.listener_options(kind))  # type: ignore[arg-type]
+            for kind in ListenerKind
         ]
         self.ports = {kind: server.sockets[0].getsockname()[1]
                       for kind, server in zip(ListenerKind, self._servers, strict=True)}

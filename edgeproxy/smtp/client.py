@@ -345,8 +345,9 @@ def xclient_commands(identity: ClientIdentity, offered: frozenset[str]) -> list[
     values = {"ADDR": addr, "NAME": "[UNAVAILABLE]", "PROTO": identity.proto}
     if identity.helo:
         values["HELO"] = identity.helo
-    if identity.login:
-        values["LOGIN"] = identity.login
+    # Attributes persist on a reused connection (XCLIENT_README): an unauthenticated client after
+    # an authenticated one must say so, or it would pass for the earlier user.
+    values["LOGIN"] = identity.login or "[UNAVAILABLE]"
     attributes = [f"{key}={xtext(value)}" for key, value in values.items() if key in offered]
     lines: list[bytes] = []
     current = "XCLIENT"

@@ -152,6 +152,9 @@ class SessionCommands:
 
     def _auth_response(self, line: bytes) -> None:
         """One line of the client's side of the SASL exchange."""
+        if len(line) > MAX_AUTH_LINE + 2:
+            self._auth_step(Failed(r.LINE_TOO_LONG))  # whole in one read, or cut: the same answer
+            return
         if not line.endswith(b"\r\n") or any(octet < 32 or octet > 126 for octet in line[:-2]):
             self._auth_step(Failed(r.AUTH_BAD_BASE64))
             return

@@ -265,6 +265,7 @@ class SmtpSession(SessionCommands):
                 if len(buffer) > line_limit:
                     buffer.clear()
                     self._skipping_line = True
+                    self._end_auth()  # an over-long SASL response ends the exchange too
                     self._error(r.LINE_TOO_LONG)
                 return
             line = bytes(buffer[: newline + 1])
