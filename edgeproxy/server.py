@@ -471,8 +471,8 @@ class ClientProtocol(asyncio.Protocol):
 
     def drain(self) -> None:
         session = self.session
-        if session is None or self._closing or self.transport is None:
-            return
+        if session is None or self._closing or self.transport is None or self._handshaking:
+            return  # (mid-handshake: the session is told once inside TLS, never in plaintext)
         if not session.in_transaction and session.output_complete:
             self._finish(r.SHUTTING_DOWN)
 
