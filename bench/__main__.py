@@ -3,6 +3,9 @@
     python -m bench --scenario relay-storm,deliver --concurrency 10,100 --duration 10
     python -m bench --scenario idle-hold --idle-connections 10000
     python -m bench --scenario hostile --hostile-clients 30
+    python -m bench --scenario deliver-tls --references direct,postfix   # STARTTLS per session
+    python -m bench --scenario held-input        # 100 clients writing NOOPs behind a held RCPT
+    python -m bench --scenario deliver --concurrency 300 --workers 2 --backend-limit 100
     python -m bench --baseline ../edgeproxy-old   # adds edgeproxy@baseline: before/after in one run
     python -m bench micro            # the fast-path micro benchmarks (pytest-benchmark)
 """
@@ -14,16 +17,21 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from bench import report, runner
-from bench.servers import HAPROXY, EdgeproxyBuild, PrivatePostfix
+from bench.servers import HAPROXY, EdgeproxyBuild, PrivatePostfix, make_certificate
 
 LOAD_SCENARIOS = ("relay-storm", "deliver", "mixed", "pipelined")
 HELD_SCENARIOS = ("idle-hold", "slow-clients")
 HOSTILE_SCENARIOS = ("hostile",)
+TLS_SCENARIOS = ("deliver-tls",)
+HELD_INPUT_SCENARIOS = ("held-input",)
+ALL_SCENARIOS = LOAD_SCENARIOS + TLS_SCENARIOS + HELD_SCENARIOS + HOSTILE_SCENARIOS + HELD_INPUT_SCENARIOS
 HOSTILE_REFERENCES = ("direct",)  # an L4 hop or Postfix adds nothing to read against the proxy's defences
+TLS_REFERENCES = ("postfix",)  # direct runs the plaintext floor; HAProxy in TCP mode cannot do STARTTLS
 
 
 def installed_references() -> list[str]:
@@ -39,9 +47,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", default="relay-storm,deliver",
-                        help=f"comma-separated: {', '.join(LOAD_SCENARIOS + HELD_SCENARIOS + HOSTILE_SCENARIOS)}")
+                        help=f"comma-separated: {', '.join(ALL_SCENARIOS)}")
     parser.add_argument("--concurrency", default="10,100", help="comma-separated client counts")
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds per run (default %(default)s)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per run (default 8; 1.5 with --quick)")
     parser.add_argument("--sessions", type=int, default=0, help="sessions per run instead of a duration")
     parser.add_argument("--message-size", type=int, default=2048, help="octets (default %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="edgeproxy worker processes")
@@ -54,8 +62,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="for hostile: never-read, rcpt-flood and idle clients, a third each (default 30)")
     parser.add_argument("--hostile-max-mb", type=float, default=64,
                         help="for hostile: MB a hostile client writes at most (default %(default)s)")
-    parser.add_argument("--backend-limit", type=int, default=100,
-                        help="for hostile: sessions the sink serves at once (smtp-sink -m; default %(default)s)")
+    parser.add_argument("--backend-limit", type=int, default=None,
+                        help="sessions the sink serves at once, every scenario (smtp-sink -m; default: smtp-sink's "
+                             "own 256, and 100 for hostile)")
+    parser.add_argument("--tls-resumption", choices=("on", "off", "both"), default="both",
+                        help="for deliver-tls: offer the last TLS session to each handshake, or not, or both rows "
+                             "(default %(default)s)")
+    parser.add_argument("--tls-key", choices=("ec", "rsa"), default="ec",
+                        help="for deliver-tls: the throwaway certificate's key, P-256 or RSA 2048 "
+                             "(default %(default)s)")
+    parser.add_argument("--held-clients", type=int, default=None,
+                        help="for held-input: clients writing NOOPs behind a held RCPT (default 100)")
+    parser.add_argument("--held-deliver-clients", type=int, default=None,
+                        help="for held-input: normal deliver clients beside them (default 10)")
+    parser.add_argument("--held-max-mb", type=float, default=64,
+                        help="for held-input: MB a held client writes at most (default %(default)s)")
+    parser.add_argument("--held-rcpt-delay", type=float, default=None,
+                        help="for held-input: seconds the backend holds the RCPT reply (default: --duration + 30)")
+    parser.add_argument("--held-rss-guard-mb", type=float, default=4096,
+                        help="for held-input: the held clients stop if the system's RSS passes this "
+                             "(default %(default)s)")
     parser.add_argument("--session-timeout", type=float, default=60,
                         help="seconds before an unfinished session fails as a timeout (default %(default)s)")
     parser.add_argument("--baseline", default=None, metavar="PATH",
@@ -65,11 +91,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a tiny bounded run, for the test suite")
     args = parser.parse_args(argv)
     if args.quick:
-        args.concurrency, args.duration, args.idle_connections, args.slow_clients = "4", 1.5, 200, 20
+        args.concurrency, args.idle_connections, args.slow_clients = "4", 200, 20
+        args.duration = 1.5 if args.duration is None else args.duration
         args.hostile_clients = 6 if args.hostile_clients is None else args.hostile_clients
-    if args.hostile_clients is None:
-        args.hostile_clients = 30
+        args.held_clients = 10 if args.held_clients is None else args.held_clients
+        args.held_deliver_clients = 2 if args.held_deliver_clients is None else args.held_deliver_clients
+    args.duration = 8.0 if args.duration is None else args.duration
+    args.hostile_clients = 30 if args.hostile_clients is None else args.hostile_clients
+    args.held_clients = 100 if args.held_clients is None else args.held_clients
+    args.held_deliver_clients = 10 if args.held_deliver_clients is None else args.held_deliver_clients
     return args
+
+
+def tls_plan(args: argparse.Namespace) -> list[str]:
+    """The deliver-tls scenario's rows, in order (see runner.TLS_ROWS)."""
+    modes = {"off": [""], "on": ["/resumed"], "both": ["", "/resumed"]}[args.tls_resumption]
+    return ([f"deliver-tls{mode}" for mode in modes] + [f"tls-handshake-only{mode}" for mode in modes]
+            + ["ehlo-only"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.call(command)
     args = parse_args(argv)
     scenarios = [s for s in args.scenario.split(",") if s]
-    unknown = set(scenarios) - set(LOAD_SCENARIOS + HELD_SCENARIOS + HOSTILE_SCENARIOS)
+    unknown = set(scenarios) - set(ALL_SCENARIOS)
     if unknown:
         print(f"python -m bench: unknown scenario(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
@@ -101,18 +139,58 @@ def main(argv: list[str] | None = None) -> int:
     setup = runner.Setup(duration=args.duration, sessions=args.sessions, message_size=args.message_size,
                          workers=args.workers, processes=args.processes, session_timeout=args.session_timeout,
                          hostile_clients=args.hostile_clients, hostile_max_bytes=int(args.hostile_max_mb * 2**20),
-                         backend_limit=args.backend_limit, builds=builds)
+                         backend_limit=args.backend_limit, builds=builds, held_clients=args.held_clients,
+                         held_deliver_clients=args.held_deliver_clients,
+                         held_max_bytes=int(args.held_max_mb * 2**20), held_rcpt_delay=args.held_rcpt_delay,
+                         held_rss_guard=int(args.held_rss_guard_mb * 2**20))
+    with tempfile.TemporaryDirectory(prefix="edgeproxy-bench-tls-") as directory:
+        if any(s in TLS_SCENARIOS for s in scenarios):
+            setup.tls_cert, setup.tls_key = make_certificate(Path(directory), args.tls_key)  # gone at the end
+        rows, held, notes = run_plan(args, scenarios, concurrencies, references, setup)
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in argv)
+    report.write(output, rows, held, command, systems, notes)
+    print(report.terminal(rows, held, systems, notes))
+    print(f"\nreport: {output / 'report.md'}  (results.json and plots alongside)")
+    correct = all(r.correct for r in rows) and not any(h["problems"] or h["failed"] for h in held)
+    return 0 if correct else 1
+
+
+def run_plan(args: argparse.Namespace, scenarios: list[str], concurrencies: list[int], references: list[str],
+             setup: runner.Setup) -> tuple[list[runner.Measurement], list[dict[str, object]], list[str]]:
     rows: list[runner.Measurement] = []
     held: list[dict[str, object]] = []
-    proxies = list(builds)
+    notes: list[str] = []
+    proxies = list(setup.builds)
     plan = [(s, system, c) for s in scenarios if s in LOAD_SCENARIOS for c in concurrencies
             for system in [*proxies, *references]]
+    if any(s in TLS_SCENARIOS for s in scenarios):
+        tls_proxies = []
+        for name in proxies:
+            if setup.builds[name].knows("EDGEPROXY_TLS_CERT", str(setup.tls_cert)):
+                tls_proxies.append(name)
+            else:
+                notes.append(f"deliver-tls: {name} has no EDGEPROXY_TLS_CERT (no STARTTLS in that build): not run")
+        tls_systems = [*tls_proxies, *(r for r in references if r in TLS_REFERENCES)]
+        notes.append(f"deliver-tls: STARTTLS with a throwaway self-signed certificate made for this run "
+                     f"({'ECDSA P-256' if args.tls_key == 'ec' else 'RSA 2048'}); clients verify nothing and take "
+                     "the defaults (TLS 1.3)")
+        for concurrency in concurrencies:
+            for number, row in enumerate(tls_plan(args)):
+                plan += [(row, system, concurrency) for system in tls_systems]
+                if number == 0 and "direct" in references:
+                    plan.append((runner.FLOOR, "direct", concurrency))  # plaintext deliver: the floor
     plan += [(s, system, c) for s in scenarios if s in HOSTILE_SCENARIOS for c in concurrencies
              for system in [*proxies, *(r for r in references if r in HOSTILE_REFERENCES)]]
+    plan += [(s, system, setup.held_deliver_clients) for s in scenarios if s in HELD_INPUT_SCENARIOS
+             for system in proxies]
     for number, (scenario, system, concurrency) in enumerate(plan, 1):
         runner.progress(f"[{number}/{len(plan)}] {scenario} via {system} at concurrency {concurrency} ...")
         if scenario in HOSTILE_SCENARIOS:
             rows.append(runner.measure_hostile(system, concurrency, setup))
+        elif scenario in HELD_INPUT_SCENARIOS:
+            rows.append(runner.measure_held_input(system, setup))
         else:
             rows.append(runner.measure(scenario, system, concurrency, setup))
     for scenario in scenarios:
@@ -121,14 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             for system in proxies:
                 runner.progress(f"{scenario}: {count} clients beside deliver via {system} ...")
                 held.append(runner.measure_under_load(kind, count, concurrencies[0], system, setup))
-    if sys.stderr.isatty():
-        sys.stderr.write("\r\033[K")
-    command = "python -m bench " + " ".join(shlex.quote(a) for a in argv)
-    report.write(output, rows, held, command, systems)
-    print(report.terminal(rows, held, systems))
-    print(f"\nreport: {output / 'report.md'}  (results.json and plots alongside)")
-    correct = all(r.correct for r in rows) and not any(h["problems"] or h["failed"] for h in held)
-    return 0 if correct else 1
+    return rows, held, notes
 
 
 def describe(build: EdgeproxyBuild) -> dict[str, object]:

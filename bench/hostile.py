@@ -9,6 +9,12 @@ Three kinds, one connection each (a client the server closes is not replaced):
 - ``idle``: delivers one message (its token is checked in the sink like the normal clients'),
   then stays connected and silent.
 
+And one more kind, for the ``held-input`` scenario rather than ``hostile``:
+
+- ``held-input``: reads the replies to ``EHLO`` and ``MAIL``, writes ``RCPT TO:<held-N@example.test>``
+  (a recipient whose reply the ``held-input`` backend delays), then never reads again and writes
+  ``NOOP`` lines padded to ~500 octets with an argument, as fast as the socket takes them.
+
 Every client stops at the run's end (the parent sets ``stop``) or at ``max_bytes`` written, and
 closes its socket; the process sends back, per kind, what its clients did and how the server
 treated them.
@@ -20,13 +26,18 @@ import asyncio
 import contextlib
 import multiprocessing
 import queue
+import socket
+import struct
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench import loadgen
 
-KINDS = ("never-read", "rcpt-flood", "idle")
+KINDS = ("never-read", "rcpt-flood", "idle")  # the hostile scenario's
+HELD = "held-input"
+HELD_PADDING = 490  # NOOP's argument: a 497-octet line, within the 512 of RFC 5321 §4.5.3.1.4
+HELD_CHUNK_LINES = 128
 WRITE_HIGH_WATER = 64 * 1024  # what a writer keeps queued in its own process; the socket holds the rest
 CHUNK_LINES = 1024
 CLOSED = -1  # the "greeting" of a connection lost before one came
@@ -44,6 +55,7 @@ class KindStats:
     close_causes: dict[str, int] = field(default_factory=dict)
     open_at_end: int = 0
     delivered: int = 0  # idle: messages acknowledged before going silent
+    bytes_per_client: list[int] = field(default_factory=list)  # held-input: what each got the socket to take
     tokens: list[str] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)  # connect or delivery failures, by reason
 
@@ -108,9 +120,9 @@ class Hostiles:
                  session_timeout: float) -> None:
         self.host, self.port, self.counts, self.max_bytes = host, port, counts, max_bytes
         self.message_size, self.session_timeout = message_size, session_timeout
-        self.stats = {kind: KindStats(clients=counts.get(kind, 0)) for kind in KINDS}
+        self.stats = {kind: KindStats(clients=count) for kind, count in counts.items()}
         self.stopping = False
-        self.writers: list[Writer] = []
+        self.writers: list[Writer | HeldClient] = []  # woken at the end
         self.stop_waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def stop(self) -> None:
@@ -204,6 +216,72 @@ class Hostiles:
             stats.open_at_end += 1
             client.transport.close()
 
+    async def held(self, number: int, ready: asyncio.Future[None]) -> None:
+        """A held-input client: EHLO and MAIL answered, a RCPT the backend sits on, then NOOPs
+        written without ever reading, until the end or the byte cap."""
+        stats = self.stats[HELD]
+        loop = asyncio.get_running_loop()
+        progress = loadgen.Progress()
+        try:
+            _, client = await asyncio.wait_for(loop.create_connection(HeldClient, self.host, self.port), 10)
+        except Exception as error:
+            stats.count(stats.errors, loadgen.failure_reason(error, "connect"))
+            ready.set_result(None)
+            return
+        stats.connected += 1
+        started = time.monotonic()
+        self.writers.append(client)
+        written = 0
+        try:
+            try:
+                await asyncio.wait_for(self._envelope(client, progress), self.session_timeout)
+            except Exception as error:  # not in a transaction: held all the same, silent
+                stats.count(stats.errors, loadgen.failure_reason(error, progress.stage))
+                ready.set_result(None)
+                if not client.closed.done() and not self.stopping:
+                    await asyncio.wait([client.closed, self.stop_waiter], return_when=asyncio.FIRST_COMPLETED)
+                return
+            client.transport.pause_reading()  # from now on, never read
+            rcpt = b"RCPT TO:<held-%d@example.test>\r\n" % number
+            client.send(rcpt)
+            written += len(rcpt)
+            ready.set_result(None)
+            chunk = (b"NOOP " + b"x" * HELD_PADDING + b"\r\n") * HELD_CHUNK_LINES
+            while not client.closed.done() and not self.stopping:
+                if client.paused:
+                    client.waiter = loop.create_future()
+                    await client.waiter
+                    continue
+                if written + len(chunk) > self.max_bytes:
+                    stats.capped += 1
+                    await asyncio.wait([client.closed, self.stop_waiter], return_when=asyncio.FIRST_COMPLETED)
+                    break
+                client.send(chunk)
+                written += len(chunk)
+                stats.lines_written += HELD_CHUNK_LINES
+                await asyncio.sleep(0)  # let the other clients write too
+        finally:
+            if not ready.done():
+                ready.set_result(None)
+            unsent = client.transport.get_write_buffer_size() if not client.closed.done() else 0
+            sent = max(0, written - unsent)
+            stats.bytes_written += sent
+            stats.bytes_per_client.append(sent)
+            if client.closed.done():
+                self._closed(stats, started, client.lost)
+            else:
+                stats.open_at_end += 1
+                sock = client.transport.get_extra_info("socket")
+                if sock is not None:  # a reset, not a FIN behind MBs the server may never read
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.transport.abort()
+
+    async def _envelope(self, client: loadgen.SmtpClient, progress: loadgen.Progress) -> None:
+        await loadgen.expect(client, progress, "greeting", 220)
+        for stage, command in (("EHLO", b"EHLO held.test\r\n"), ("MAIL", b"MAIL FROM:<held@sender.test>\r\n")):
+            client.send(command)
+            await loadgen.expect(client, progress, stage, 250)
+
     async def _deliver(self, client: loadgen.SmtpClient, progress: loadgen.Progress, token: str) -> None:
         await loadgen.expect(client, progress, "greeting", 220)
         for stage, command, code in (("EHLO", b"EHLO idle.test\r\n", 250),
@@ -219,7 +297,7 @@ class Hostiles:
         messages); then the writers connect. ``ready_event`` once all are going; until ``stop_event``."""
         loop = asyncio.get_running_loop()
         tasks = []
-        for kinds in (("idle",), ("never-read", "rcpt-flood")):
+        for kinds in (("idle",), ("never-read", "rcpt-flood", HELD)):
             readies: list[asyncio.Future[None]] = []
             for kind in kinds:
                 for number in range(self.counts.get(kind, 0)):
@@ -227,6 +305,8 @@ class Hostiles:
                     readies.append(ready)
                     if kind == "idle":
                         tasks.append(asyncio.ensure_future(self.idle(number, ready)))
+                    elif kind == HELD:
+                        tasks.append(asyncio.ensure_future(self.held(number, ready)))
                     else:
                         lines = noop_lines() if kind == "never-read" else rcpt_lines()
                         tasks.append(asyncio.ensure_future(self.writer(kind, lines, ready)))
@@ -240,6 +320,34 @@ class Hostiles:
         if tasks:
             await asyncio.wait(tasks, timeout=30)
         return {kind: asdict(stats) for kind, stats in self.stats.items()}
+
+
+class HeldClient(loadgen.SmtpClient):
+    """An SMTP client that, once it stops reading, writes only while the socket takes data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.wake()
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
 
 def noop_lines() -> Any:

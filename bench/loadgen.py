@@ -13,15 +13,21 @@ enhanced code, and the command it answered: ``451 4.3.2 at DATA``), or what went
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import multiprocessing
 import re
 import resource
+import ssl
 import time
 from dataclasses import dataclass, field
 
 RELAY, DELIVER, PIPELINED = "relay", "deliver", "pipelined"
+DELIVER_TLS, HANDSHAKE_ONLY, EHLO_ONLY = "deliver-tls", "tls-handshake-only", "ehlo-only"
 SCENARIO_KINDS = {"relay-storm": RELAY, "deliver": DELIVER, "pipelined": PIPELINED, "mixed": "mixed",
-                  "hostile": DELIVER}
+                  "hostile": DELIVER, "held-input": DELIVER, DELIVER_TLS: DELIVER_TLS, HANDSHAKE_ONLY: HANDSHAKE_ONLY,
+                  EHLO_ONLY: EHLO_ONLY}
+TLS_KINDS = (DELIVER_TLS, HANDSHAKE_ONLY)
 ENHANCED = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}")
 
 
@@ -36,6 +42,7 @@ class Job:
     message_size: int
     process_index: int = 0
     session_timeout: float = 60.0  # a session still unfinished then fails as "timeout waiting for ..."
+    tls_resumption: bool = False  # TLS kinds: offer each process's last session (ticket) to the next handshake
 
 
 @dataclass
@@ -50,17 +57,24 @@ class Result:
     errors: dict[str, int] = field(default_factory=dict)  # failed sessions by reason
     elapsed: float = 0.0
     cpu: float = 0.0
+    tls_handshakes: int = 0  # completed TLS handshakes
+    tls_resumed: int = 0  # ... of which the server resumed the session offered (SSLObject.session_reused)
+    tls_offered: int = 0  # handshakes that offered a session to resume
+    tls_versions: dict[str, int] = field(default_factory=dict)  # "TLSv1.3 TLS_AES_256_GCM_SHA384": count
 
     def fail(self, reason: str) -> None:
         self.failed += 1
         self.errors[reason] = self.errors.get(reason, 0) + 1
 
     def merge(self, other: Result) -> None:
-        for name in ("sessions", "refused", "relayed", "delivered", "failed"):
+        for name in ("sessions", "refused", "relayed", "delivered", "failed", "tls_handshakes", "tls_resumed",
+                     "tls_offered"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.latencies.extend(other.latencies)
         for name, count in other.errors.items():
             self.errors[name] = self.errors.get(name, 0) + count
+        for name, count in other.tls_versions.items():
+            self.tls_versions[name] = self.tls_versions.get(name, 0) + count
         self.tokens.extend(other.tokens)
         self.elapsed = max(self.elapsed, other.elapsed)
         self.cpu += other.cpu
@@ -97,7 +111,9 @@ class SessionFailed(Exception):
 
 
 class SmtpClient(asyncio.Protocol):
-    """Just enough SMTP client: write commands, await complete replies, nothing else."""
+    """Just enough SMTP client: write commands, await complete replies, nothing else; and, after
+    ``STARTTLS``, TLS over memory BIOs (:meth:`start_tls`), which, unlike the loop's ``start_tls``,
+    can offer an ``SSLSession`` to resume."""
 
     def __init__(self) -> None:
         self.buffer = b""
@@ -105,11 +121,72 @@ class SmtpClient(asyncio.Protocol):
         self.replies: asyncio.Queue[Reply | None] = asyncio.Queue()
         self.closed = asyncio.get_running_loop().create_future()
         self.lost: BaseException | None = None
+        self.tls: ssl.SSLObject | None = None
+        self._incoming: ssl.MemoryBIO | None = None  # made by start_tls: plaintext sessions pay nothing
+        self._outgoing: ssl.MemoryBIO | None = None
+        self._handshake: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
+    async def start_tls(self, context: ssl.SSLContext, session: ssl.SSLSession | None) -> ssl.SSLObject:
+        """The client side of a TLS handshake on this connection (after ``220`` to STARTTLS)."""
+        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self._incoming, self._outgoing, session=session)
+        self._handshake = asyncio.get_running_loop().create_future()
+        self._handshake_step()
+        await self._handshake
+        return self.tls
+
+    def _handshake_step(self) -> None:
+        assert self.tls is not None and self._handshake is not None
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except ssl.SSLError as error:
+            self._flush()
+            self._handshake.set_exception(error)
+            self.transport.close()
+            return
+        self._flush()
+        self._handshake.set_result(None)
+
+    def _flush(self) -> None:
+        assert self._outgoing is not None
+        pending = self._outgoing.read()
+        if pending and not self.transport.is_closing():  # type: ignore[attr-defined]
+            self.transport.write(pending)  # type: ignore[attr-defined]
+
+    def _decrypt(self) -> bytes:
+        assert self.tls is not None
+        chunks = []
+        while True:
+            try:
+                chunk = self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLError:  # the server's close_notify, or a broken record: done with it
+                self.transport.close()
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        self._flush()
+        return b"".join(chunks)
+
     def data_received(self, data: bytes) -> None:
+        if self.tls is not None:
+            assert self._incoming is not None
+            self._incoming.write(data)
+            if self._handshake is not None and not self._handshake.done():
+                self._handshake_step()
+                if not self._handshake.done() or self._handshake.exception() is not None:
+                    return
+            data = self._decrypt()
+            if not data:
+                return
         self.buffer += data
         while True:
             end = self.buffer.find(b"\r\n")
@@ -130,10 +207,24 @@ class SmtpClient(asyncio.Protocol):
         self.lost = exc
         if not self.closed.done():
             self.closed.set_result(None)
+        if self._handshake is not None and not self._handshake.done():
+            self._handshake.set_exception(Closed(exc))
         self.replies.put_nowait(None)
 
     def send(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[attr-defined]
+        if self.tls is not None:
+            self.tls.write(data)
+            self._flush()
+        else:
+            self.transport.write(data)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        """Close the connection; inside TLS, after a close_notify, as a well-behaved client does."""
+        if self.tls is not None and not self.transport.is_closing():  # type: ignore[attr-defined]
+            with contextlib.suppress(ssl.SSLError):  # SSLWantReadError: ours is out; not waiting for theirs
+                self.tls.unwrap()
+            self._flush()
+        self.transport.close()
 
     async def reply(self) -> Reply:
         """The next reply; raises :class:`Closed` (every time) once the connection is gone."""
@@ -188,13 +279,58 @@ async def expect(client: SmtpClient, progress: Progress, stage: str, *codes: int
     return reply
 
 
-async def session(job: Job, kind: str, token: str, result: Result, progress: Progress | None = None) -> None:
+class TlsClient:
+    """A load-generating process's TLS side: one client context (no verification, the default
+    versions: TLS 1.3 where the server has it) and, with resumption, the last session per target."""
+
+    def __init__(self, resumption: bool) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.context.check_hostname = False
+        self.context.verify_mode = ssl.CERT_NONE
+        self.resumption = resumption
+        self.sessions: dict[tuple[str, int], ssl.SSLSession] = {}
+
+    def offer(self, target: tuple[str, int]) -> ssl.SSLSession | None:
+        return self.sessions.get(target) if self.resumption else None
+
+    def keep(self, target: tuple[str, int], tls: ssl.SSLObject) -> None:
+        """After the first reply inside TLS, so a TLS 1.3 ticket (sent after the handshake) is in."""
+        if not self.resumption:
+            return
+        session = tls.session
+        if session is not None and (session.has_ticket or (tls.version() != "TLSv1.3" and session.id)):
+            self.sessions[target] = session
+
+
+async def starttls(client: SmtpClient, progress: Progress, tls: TlsClient, target: tuple[str, int],
+                   result: Result) -> ssl.SSLObject:
+    """EHLO's reply is in: STARTTLS, 220, the handshake (offering the last session, if any)."""
+    client.send(b"STARTTLS\r\n")
+    await expect(client, progress, "STARTTLS", 220)
+    progress.stage = "TLS handshake"
+    offered = tls.offer(target)
+    try:
+        secured = await client.start_tls(tls.context, offered)
+    except ssl.SSLError as error:
+        raise SessionFailed(f"TLS handshake failed: {error.reason or type(error).__name__}") from None
+    result.tls_handshakes += 1
+    result.tls_offered += offered is not None
+    result.tls_resumed += secured.session_reused
+    cipher = secured.cipher()
+    name = f"{secured.version()} {cipher[0] if cipher else '?'}"
+    result.tls_versions[name] = result.tls_versions.get(name, 0) + 1
+    return secured
+
+
+async def session(job: Job, kind: str, token: str, result: Result, progress: Progress | None = None,
+                  tls: TlsClient | None = None) -> None:
     """One session; raises on failure (its reason from :func:`failure_reason`)."""
     progress = progress or Progress()
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     progress.stage = "connect"
     _, client = await loop.create_connection(SmtpClient, job.host, job.port)
+    target = (job.host, job.port)
     try:
         await expect(client, progress, "greeting", 220)
         if kind == RELAY:
@@ -209,10 +345,25 @@ async def session(job: Job, kind: str, token: str, result: Result, progress: Pro
                 result.refused += 1
             else:
                 result.relayed += 1
+        elif kind in (EHLO_ONLY, HANDSHAKE_ONLY):
+            client.send(b"EHLO bench.test\r\n")
+            await expect(client, progress, "EHLO", 250)
+            if kind == HANDSHAKE_ONLY:
+                assert tls is not None
+                await starttls(client, progress, tls, target, result)
         else:
             body = message(token, job.message_size)
             steps = (("EHLO", b"EHLO bench.test\r\n", 250), ("MAIL", b"MAIL FROM:<bench@sender.test>\r\n", 250),
                      ("RCPT", b"RCPT TO:<user@example.test>\r\n", 250), ("DATA", b"DATA\r\n", 354))
+            if kind == DELIVER_TLS:
+                assert tls is not None
+                client.send(b"EHLO bench.test\r\n")
+                await expect(client, progress, "EHLO", 250)
+                secured = await starttls(client, progress, tls, target, result)
+                client.send(b"EHLO bench.test\r\n")
+                await expect(client, progress, "EHLO inside TLS", 250)
+                tls.keep(target, secured)
+                steps = steps[1:]
             if kind == PIPELINED:
                 client.send(b"".join(command for _, command, _ in steps))
                 for stage, _, code in steps:
@@ -228,13 +379,16 @@ async def session(job: Job, kind: str, token: str, result: Result, progress: Pro
         progress.stage = "QUIT"
         client.send(b"QUIT\r\n")
         await client.reply()
+        if kind == HANDSHAKE_ONLY and client.tls is not None:
+            tls.keep(target, client.tls)  # type: ignore[union-attr]  # the 221 came after the ticket
         result.sessions += 1
         result.latencies.append(time.perf_counter() - started)
     finally:
         if not client.transport.is_closing():
-            if progress.stage != "QUIT":
-                client.send(b"QUIT\r\n")  # polite after a refusal; the close follows at once
-            client.transport.close()
+            if progress.stage not in ("QUIT", "TLS handshake"):
+                with contextlib.suppress(ssl.SSLError):  # a broken TLS layer: just close
+                    client.send(b"QUIT\r\n")  # polite after a refusal; the close follows at once
+            client.close()
 
 
 async def drive(job: Job) -> Result:
@@ -242,6 +396,7 @@ async def drive(job: Job) -> Result:
     deadline = time.monotonic() + job.duration
     budget = [job.sessions]
     counter = [0]
+    tls = TlsClient(job.tls_resumption) if SCENARIO_KINDS[job.scenario] in TLS_KINDS else None
 
     async def client_loop(client_index: int) -> None:
         while time.monotonic() < deadline:
@@ -257,7 +412,7 @@ async def drive(job: Job) -> Result:
             token = f"p{job.process_index}c{client_index}n{number}"
             progress = Progress()
             try:
-                await asyncio.wait_for(session(job, kind, token, result, progress), timeout=job.session_timeout)
+                await asyncio.wait_for(session(job, kind, token, result, progress, tls), timeout=job.session_timeout)
             except Exception as error:  # a failed session is counted under its reason, never fatal to the run
                 result.fail(failure_reason(error, progress.stage))
                 await asyncio.sleep(0.01)
@@ -285,8 +440,7 @@ def run_load(job: Job, processes: int) -> Result:
     for index in range(processes):
         share = job.concurrency // processes + (1 if index < job.concurrency % processes else 0)
         sessions = job.sessions // processes + (1 if index < job.sessions % processes else 0) if job.sessions else 0
-        part = Job(job.host, job.port, job.scenario, share, job.duration, sessions, job.message_size, index,
-                   job.session_timeout)
+        part = dataclasses.replace(job, concurrency=share, sessions=sessions, process_index=index)
         child = multiprocessing.Process(target=_child, args=(part, queue), daemon=True)
         child.start()
         children.append(child)

@@ -22,9 +22,20 @@ COLUMNS: list[tuple[str, Callable[[Measurement], str]]] = [
     ("p50 ms", lambda r: f"{r.p50_ms:.2f}"), ("p99 ms", lambda r: f"{r.p99_ms:.2f}"),
     ("SUT cpu s", lambda r: f"{r.sut_cpu_s:.2f}"), ("sess/cpu-s", lambda r: f"{r.sessions_per_cpu_s:,.0f}"),
     ("msg/cpu-s", lambda r: f"{r.messages_per_cpu_s:,.0f}"), ("RSS MB", lambda r: f"{r.peak_rss_mb:.1f}"),
-    ("loadgen cpu s", lambda r: f"{r.loadgen_cpu_s:.2f}"), ("correct", lambda r: str(r.correct)),
+    ("backend held/q", lambda r: _backend_cell(r)),
+    ("loadgen cpu s", lambda r: f"{r.loadgen_cpu_s:.2f}"),
+    ("other cpu s", lambda r: f"{r.other_cpu_s:.2f}" if r.other_cpu_s is not None else ""),
+    ("correct", lambda r: str(r.correct)),
     ("failed (by reason)", _failures),
 ]
+
+
+def _backend_cell(row: Measurement) -> str:
+    """Peak connections the sink held / waiting in its backlog (its limit, when one was set)."""
+    if row.peak_backend_connections is None:
+        return ""
+    limit = f" ≤{row.backend_limit}" if row.backend_limit else ""
+    return f"{row.peak_backend_connections}/{row.peak_backend_queued}{limit}"
 
 
 def table(rows: list[Measurement]) -> str:
@@ -95,6 +106,16 @@ def targets(rows: list[Measurement], held: list[dict[str, object]]) -> list[tupl
         difference = proxy.p99_ms - direct.p99_ms
         out.append(("deliver c=10: p99 within 2 ms of direct", f"+{difference:.2f} ms",
                     "pass" if difference <= 2 else "miss"))
+    for entry in tls_summary(rows):
+        if entry["system"] == "edgeproxy" and entry["vs_postfix"] is not None:
+            out.append((f"deliver-tls c={entry['concurrency']} ({entry['mode']} handshakes): TLS sessions/CPU-s "
+                        f"≥ {TLS_TARGET}× Postfix's", f"{entry['sessions_per_cpu_s']:,.0f} vs "
+                        f"{entry['sessions_per_cpu_s'] / entry['vs_postfix']:,.0f} ({entry['vs_postfix']:.2f}×)",
+                        "pass" if entry["vs_postfix"] >= TLS_TARGET else "miss"))
+    for row in rows:
+        if row.held_input is not None and row.system == "edgeproxy":
+            out.append((f"held-input {row.held_input['clients']} held clients: peak RSS < {HELD_RSS_TARGET_MB} MB",
+                        f"{row.peak_rss_mb:.1f} MB", "pass" if row.peak_rss_mb < HELD_RSS_TARGET_MB else "miss"))
     for hold in held:
         if hold["scenario"] == "idle-hold" and hold.get("system", "edgeproxy") == "edgeproxy":
             per = float(hold["rss_per_connection_kb"])  # type: ignore[arg-type]
@@ -106,6 +127,159 @@ def targets(rows: list[Measurement], held: list[dict[str, object]]) -> list[tupl
     return out
 
 
+# -- the deliver-tls scenario -----------------------------------------------------------------------
+
+TLS_TARGET = 1.5  # TLS sessions per CPU-second, relative to Postfix's
+
+
+def _cpu_ms(row: Measurement | None) -> float | None:
+    return row.sut_cpu_s / row.sessions * 1000 if row is not None and row.sessions and row.sut_cpu_s > 0 else None
+
+
+def tls_summary(rows: list[Measurement]) -> list[dict[str, Any]]:
+    """Per system, concurrency and mode (full handshakes, resumed): the deliver-tls figures and
+    the share of CPU in the handshake, (handshake-only − ehlo-only) CPU per session over
+    deliver-tls's; with the ratio to Postfix's TLS sessions per CPU-second."""
+    out: list[dict[str, Any]] = []
+    seen = [(r.system, r.concurrency) for r in rows if r.tls is not None and r.tls["mode"] in ("full", "resumed")]
+    for system, concurrency in dict.fromkeys(seen):
+        plain = _cpu_ms(_find(rows, "ehlo-only", system, concurrency))
+        for mode, suffix in (("full", ""), ("resumed", "/resumed")):
+            full = _find(rows, "deliver-tls" + suffix, system, concurrency)
+            if full is None or full.tls is None:
+                continue
+            handshake = _cpu_ms(_find(rows, "tls-handshake-only" + suffix, system, concurrency))
+            per_session = _cpu_ms(full)
+            handshake_ms = handshake - plain if handshake is not None and plain is not None else None
+            out.append({
+                "system": system, "concurrency": concurrency, "mode": mode, "sessions": full.sessions,
+                "failed": full.failed, "sessions_per_s": full.sessions_per_s,
+                "sessions_per_cpu_s": full.sessions_per_cpu_s, "p50_ms": full.p50_ms, "p99_ms": full.p99_ms,
+                "cpu_ms_per_session": per_session, "handshake_only_cpu_ms": handshake, "ehlo_only_cpu_ms": plain,
+                "handshake_cpu_ms": handshake_ms,
+                "handshake_share": handshake_ms / per_session if handshake_ms is not None and per_session else None,
+                "handshakes": full.tls["handshakes"], "resumed": full.tls["resumed"],
+                "versions": full.tls["versions"],
+            })
+    for entry in out:
+        postfix = next((e for e in out if e["system"] == "postfix" and e["mode"] == entry["mode"]
+                        and e["concurrency"] == entry["concurrency"]), None)
+        entry["vs_postfix"] = (_ratio(entry["sessions_per_cpu_s"], postfix["sessions_per_cpu_s"])
+                               if postfix is not None and entry["system"] != "postfix" else None)
+    return out
+
+
+def _floors(rows: list[Measurement]) -> list[Measurement]:
+    return [r for r in rows if r.tls is not None and r.tls["mode"] == "plaintext floor"]
+
+
+def _share(value: object) -> str:
+    return f"{value:.0%}" if isinstance(value, float) else "n/a"
+
+
+def _num(value: object, unit: str = "", digits: int = 2) -> str:
+    return f"{value:.{digits}f}{unit}" if isinstance(value, float) else "n/a"
+
+
+def tls_lines(rows: list[Measurement]) -> list[str]:
+    summary = tls_summary(rows)
+    if not summary:
+        return []
+    lines = ["deliver-tls (STARTTLS, then a message; TLS sessions per CPU-second of the system under test):"]
+    for entry in summary:
+        versus = f" ({_times(entry['vs_postfix'])} Postfix's)" if entry["vs_postfix"] is not None else ""
+        lines.append(
+            f"  c={entry['concurrency']} {entry['system']} {entry['mode']:7}: {entry['sessions_per_cpu_s']:,.0f} "
+            f"sess/cpu-s{versus}, {entry['sessions_per_s']:,.0f} sess/s, p50 {entry['p50_ms']:.2f} ms, "
+            f"p99 {entry['p99_ms']:.2f} ms; {_num(entry['cpu_ms_per_session'], ' ms', 3)} CPU a session, "
+            f"{_num(entry['handshake_cpu_ms'], ' ms', 3)} in the handshake ({_share(entry['handshake_share'])}); "
+            f"{entry['resumed']}/{entry['handshakes']} resumed")
+    for row in _floors(rows):
+        lines.append(f"  c={row.concurrency} direct plaintext floor: {row.messages_per_s:,.0f} msg/s, "
+                     f"p50 {row.p50_ms:.2f} ms, p99 {row.p99_ms:.2f} ms")
+    return lines
+
+
+def _tls_markdown(rows: list[Measurement]) -> list[str]:
+    summary = tls_summary(rows)
+    if not summary:
+        return []
+    versions = sorted({name for entry in summary for name in entry["versions"]})
+    lines = ["\n## deliver-tls\n",
+             f"A STARTTLS handshake per session ({', '.join(versions) or 'none'}), then a message. *Handshake CPU* "
+             "is the CPU a `tls-handshake-only` session (EHLO, STARTTLS, handshake, QUIT) costs beyond an `ehlo-only` "
+             "one (EHLO, QUIT, plaintext); its share is of a whole `deliver-tls` session's. *Resumed*: handshakes "
+             "the server resumed from the session offered.\n",
+             "| conc | system | handshakes | TLS sess/s | TLS sess/cpu-s | vs Postfix | p50 ms | p99 ms | "
+             "CPU ms/session | handshake CPU ms | handshake share | resumed | failed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for entry in summary:
+        lines.append(
+            f"| {entry['concurrency']} | {entry['system']} | {entry['mode']} | {entry['sessions_per_s']:,.0f} | "
+            f"{entry['sessions_per_cpu_s']:,.0f} | {_times(entry['vs_postfix'])} | {entry['p50_ms']:.2f} | "
+            f"{entry['p99_ms']:.2f} | {_num(entry['cpu_ms_per_session'], '', 3)} | "
+            f"{_num(entry['handshake_cpu_ms'], '', 3)} | {_share(entry['handshake_share'])} | "
+            f"{entry['resumed']}/{entry['handshakes']} | {entry['failed']} |")
+    for row in _floors(rows):
+        lines.append(f"| {row.concurrency} | direct | plaintext floor | {row.sessions_per_s:,.0f} | "
+                     f"{row.sessions_per_cpu_s:,.0f} (sink) | | {row.p50_ms:.2f} | {row.p99_ms:.2f} | "
+                     f"{_num(_cpu_ms(row), '', 3)} (sink) | | | | {row.failed} |")
+    return lines
+
+
+# -- the held-input scenario ------------------------------------------------------------------------
+
+HELD_RSS_TARGET_MB = 100  # the issue's: for 100 held clients
+
+
+def held_input_lines(row: Measurement) -> list[str]:
+    info: dict[str, Any] = row.held_input or {}
+    stats: dict[str, Any] = info.get("kind") or {}
+    growth = row.peak_rss_mb - info.get("rss_start_mb", 0.0)
+    per_client = growth * 1024 / info["clients"] if info.get("clients") else 0.0
+    guard = (f"; RSS guard hit at {info['rss_guard_hit_mb']:,.0f} MB: writers stopped"
+             if info.get("rss_guard_hit_mb") else "")
+    cpu = f"{row.messages_per_cpu_s:,.0f} msg/cpu-s" if row.sut_cpu_s else "msg/cpu-s n/a"
+    lines = [
+        f"held-input via {row.system}: {info.get('clients')} held clients (RCPT held "
+        f"{info.get('rcpt_delay_s', 0):.0f} s) beside {row.concurrency} deliver clients",
+        f"  peak RSS {row.peak_rss_mb:.1f} MB from {info.get('rss_start_mb', 0):.1f} MB at start "
+        f"(+{growth:.1f} MB, {per_client:,.0f} KB per held client){guard}",
+        f"  held clients sent: median {info.get('sent_median_mb', 0):.2f} MB, max {info.get('sent_max_mb', 0):.2f} MB "
+        f"each (cap {info.get('max_bytes_per_client', 0) / 2**20:.0f} MB), {info.get('sent_total_mb', 0):,.1f} MB "
+        f"in all; {_kind_text('held-input', stats) if stats else 'no report'}",
+        f"  deliver beside them: {row.messages_per_s:,.0f} msg/s ({_share(info.get('loaded_fraction'))} of "
+        f"{info.get('unloaded_messages_per_s', 0):,.0f} msg/s alone), {cpu}, p99 {row.p99_ms:.1f} ms, "
+        f"{_failures(row)} failed; backend: held at most {row.peak_backend_connections}, "
+        f"{row.peak_backend_queued} waiting in its backlog",
+    ]
+    return lines
+
+
+def _held_markdown(rows: list[Measurement]) -> list[str]:
+    runs = [r for r in rows if r.held_input is not None]
+    if not runs:
+        return []
+    lines = ["\n## held-input\n",
+             "Held clients: EHLO, MAIL, a RCPT whose reply the backend delays, then NOOP lines (~500 octets) "
+             "written without reading. Beside them, normal `deliver` clients.\n",
+             "| system | held clients | sent per client: median / max MB | peak RSS MB (start) | KB per held client | "
+             "deliver msg/s beside (alone) | failed (by reason) | backend held / queued |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in runs:
+        info: dict[str, Any] = row.held_input  # type: ignore[assignment]
+        growth = row.peak_rss_mb - info["rss_start_mb"]
+        guard = " (guard hit)" if info.get("rss_guard_hit_mb") else ""
+        lines.append(f"| {row.system} | {info['clients']} | {info['sent_median_mb']:.2f} / {info['sent_max_mb']:.2f} | "
+                     f"{row.peak_rss_mb:.1f}{guard} ({info['rss_start_mb']:.1f}) | "
+                     f"{growth * 1024 / max(info['clients'], 1):,.0f} | {row.messages_per_s:,.0f} "
+                     f"({info['unloaded_messages_per_s']:,.0f}) | {_failures(row)} | "
+                     f"{row.peak_backend_connections} / {row.peak_backend_queued} |")
+    lines += ["", *(f"- {row.system}: {_kind_text('held-input', row.held_input['kind'])}"  # type: ignore[index]
+                    for row in runs if row.held_input and row.held_input.get("kind"))]
+    return lines
+
+
 # -- the hostile scenario ---------------------------------------------------------------------------
 
 
@@ -114,7 +288,7 @@ def _kind_text(kind: str, stats: dict[str, Any]) -> str:
     if kind == "idle":
         parts.append(f"{stats['delivered']} delivered")
     else:
-        unit = "NOOP" if kind == "never-read" else "RCPT"
+        unit = "NOOP" if kind in ("never-read", "held-input") else "RCPT"
         parts.append(f"{stats['bytes_written'] / 2**20:,.1f} MB written (~{stats['lines_written']:,} {unit})")
         if stats["capped"]:
             parts.append(f"{stats['capped']} at the byte cap")
@@ -201,11 +375,17 @@ def problems(rows: list[Measurement], held: list[dict[str, object]]) -> list[str
     return out
 
 
-def terminal(rows: list[Measurement], held: list[dict[str, object]], systems: list[dict[str, object]]) -> str:
+def terminal(rows: list[Measurement], held: list[dict[str, object]], systems: list[dict[str, object]],
+             notes: list[str] | None = None) -> str:
     lines = [table(rows)] if rows else []
+    tls = tls_lines(rows)
+    if tls:
+        lines += ["", *tls]
     for row in rows:
         if row.hostile is not None:
             lines += ["", *hostile_lines(row)]
+        if row.held_input is not None:
+            lines += ["", *held_input_lines(row)]
     for hold in held:
         lines.append(f"\n{hold['scenario']} via {hold.get('system', 'edgeproxy')}: {hold['clients']} clients, "
                      f"{hold['rss_per_connection_kb']:.1f} KB RSS each, deliver {hold['unloaded_messages_per_s']:,.0f}"
@@ -219,6 +399,8 @@ def terminal(rows: list[Measurement], held: list[dict[str, object]], systems: li
     found = problems(rows, held)
     if found:
         lines += ["", "problems:", *(f"  {line}" for line in found)]
+    if notes:
+        lines += ["", *(f"note: {note}" for note in notes)]
     targets_found = targets(rows, held)
     if targets_found:
         lines.append("")
@@ -227,11 +409,12 @@ def terminal(rows: list[Measurement], held: list[dict[str, object]], systems: li
 
 
 def write(directory: Path, rows: list[Measurement], held: list[dict[str, object]], command: str,
-          systems: list[dict[str, object]] | None = None) -> None:
+          systems: list[dict[str, object]] | None = None, notes: list[str] | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     systems = systems or []
     data = {"command": command, "systems": systems, "runs": [r.as_dict() for r in rows], "under_load": held,
-            "ratios": ratios(rows), "targets": targets(rows, held), "problems": problems(rows, held)}
+            "ratios": ratios(rows), "targets": targets(rows, held), "problems": problems(rows, held),
+            "tls": tls_summary(rows), "notes": notes or []}
     (directory / "results.json").write_text(json.dumps(data, indent=2))
     lines = [f"# edgeproxy benchmark\n\nCommand: `{command}`\n"]
     if systems:
@@ -240,7 +423,11 @@ def write(directory: Path, rows: list[Measurement], held: list[dict[str, object]
     if settings:
         lines += ["Settings besides `EDGEPROXY_LISTEN`, `EDGEPROXY_BACKEND` (all others: the build's defaults):\n",
                   *settings, ""]
-    lines += ["## Runs\n", "```", table(rows), "```\n"]
+    if notes:
+        lines += [*(f"- {note}" for note in notes), ""]
+    lines += ["## Runs\n", "```", table(rows), "```\n",
+              "*backend held/q*: the most connections the sink held at once / the most waiting in its listen "
+              "backlog (≤N: the sink's session limit).\n"]
     if data["ratios"]:
         lines += ["## edgeproxy relative to the references\n",
                   "| scenario | conc | reference | throughput | per CPU-second | msg/s | msg per CPU-second | "
@@ -251,6 +438,8 @@ def write(directory: Path, rows: list[Measurement], held: list[dict[str, object]
                          f"{_times(ratio['throughput_ratio'])} | {_times(ratio['per_cpu_ratio'])} | "
                          f"{_times(ratio['messages_ratio'])} | {_times(ratio['messages_per_cpu_ratio'])} | "
                          f"{_times(ratio['rss_ratio'])} | {_ms(ratio['p99_difference_ms'])} |")
+    lines += _tls_markdown(rows)
+    lines += _held_markdown(rows)
     lines += _hostile_markdown(rows)
     if held:
         lines += ["\n## Under load\n", "| scenario | system | clients | RSS/conn KB | deliver unloaded | loaded | "
@@ -304,5 +493,5 @@ def plot(directory: Path, rows: list[Measurement]) -> None:
             axis.grid(True, alpha=0.3)
             axis.legend()
         figure.tight_layout()
-        figure.savefig(directory / f"{scenario}.png", dpi=90)
+        figure.savefig(directory / f"{scenario.replace('/', '-')}.png", dpi=90)
         plt.close(figure)

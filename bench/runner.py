@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from bench.servers import (
     HaproxyTcp,
     PostfixRelayPolicy,
     Server,
+    SlowSink,
     SmtpSink,
     process_tree,
 )
@@ -30,6 +33,18 @@ from bench.servers import (
 TOKEN = re.compile(rb"Subject: bench (\S+)")
 BASELINE = "edgeproxy@baseline"
 DEFAULT_MAX_CONNECTIONS = 1000  # edgeproxy's default EDGEPROXY_MAX_CONNECTIONS, per worker
+HOSTILE_BACKEND_LIMIT = 100  # the hostile scenario's sink, unless --backend-limit says otherwise
+
+# The rows of the deliver-tls scenario: (what the load generator runs, offering the last session).
+# The plaintext ehlo-only row and the handshake-only rows give the share of CPU in the handshake.
+TLS_ROWS = {
+    "deliver-tls": (loadgen.DELIVER_TLS, False),
+    "deliver-tls/resumed": (loadgen.DELIVER_TLS, True),
+    "tls-handshake-only": (loadgen.HANDSHAKE_ONLY, False),
+    "tls-handshake-only/resumed": (loadgen.HANDSHAKE_ONLY, True),
+    "ehlo-only": (loadgen.EHLO_ONLY, False),
+}
+FLOOR = "deliver-tls"  # direct's row: plaintext deliver to the sink, the floor
 
 
 def is_edgeproxy(system: str) -> bool:
@@ -52,8 +67,18 @@ class Setup:
     session_timeout: float = 60.0
     hostile_clients: int = 30
     hostile_max_bytes: int = 64 * 2**20
-    backend_limit: int = 100  # the hostile scenario's sink: sessions served at once
+    backend_limit: int | None = None  # sessions the sink serves at once; None: smtp-sink's own (256)
     builds: dict[str, EdgeproxyBuild] = field(default_factory=lambda: {"edgeproxy": EdgeproxyBuild()})
+    tls_cert: Path | None = None  # deliver-tls: a throwaway certificate made for this run
+    tls_key: Path | None = None
+    held_clients: int = 100
+    held_deliver_clients: int = 10
+    held_max_bytes: int = 64 * 2**20
+    held_rcpt_delay: float | None = None  # None: the run's duration + 30 s, never answered within it
+    held_rss_guard: int = 4 * 2**30  # held-input: the writers stop if the system's RSS passes this
+
+    def sink_limit(self, scenario: str) -> int | None:
+        return self.backend_limit if self.backend_limit or scenario != "hostile" else HOSTILE_BACKEND_LIMIT
 
 
 def proxy_settings(clients: int) -> dict[str, str]:
@@ -101,10 +126,14 @@ class Measurement:
     problems: str
     failures: dict[str, int] = field(default_factory=dict)  # failed sessions by reason
     settings: dict[str, str] = field(default_factory=dict)  # EDGEPROXY_* set (edgeproxy systems)
-    peak_backend_connections: int | None = None  # hostile: ESTABLISHED connections the sink held
-    peak_backend_queued: int | None = None  # hostile: ... and those waiting in its listen backlog
-    peak_backend_established: int | None = None  # hostile: both at once (the sample with the most)
+    peak_backend_connections: int | None = None  # ESTABLISHED connections the sink held at most
+    peak_backend_queued: int | None = None  # ... and those waiting in its listen backlog
+    peak_backend_established: int | None = None  # both at once (the sample with the most)
+    backend_limit: int | None = None  # sessions the sink served at once at most (None: smtp-sink's 256)
     hostile: dict[str, object] | None = None  # hostile: per kind, what the hostile clients did
+    tls: dict[str, object] | None = None  # deliver-tls rows: mode, handshakes, resumed, versions
+    held_input: dict[str, object] | None = None  # held-input: the held clients, RSS, deliver beside them
+    other_cpu_s: float | None = None  # the machine's CPU used by none of the run's processes meanwhile
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -115,23 +144,25 @@ SS = shutil.which("ss") or "/usr/bin/ss"
 
 def backend_connections(port: int) -> tuple[int, int]:
     """(held, queued): ESTABLISHED TCP connections to ``port`` that its listener has accepted,
-    and those complete but still waiting in its listen backlog (the listener's Recv-Q).
+    and those complete but still waiting in its listen backlog.
 
-    From ``ss -tnH state established state listening '( sport = :port )'``: the kernel filters
-    (netlink), so it stays cheap (~5 ms) however many TIME-WAIT sockets a run leaves, where
-    psutil.net_connections (reading /proc/net/tcp and every process's descriptors) took 130 ms a
-    call here. Without ss: /proc/net/tcp, whose not-yet-accepted sockets have inode 0."""
+    From ``ss -tnHe state established '( sport = :port )'``: the kernel filters (netlink), so it
+    stays cheap (~5 ms) however many TIME-WAIT sockets a run leaves, where psutil.net_connections
+    (reading /proc/net/tcp and every process's descriptors) took 130 ms a call here. A socket
+    still in the backlog has no inode yet (``ino:0``), so each connection is counted once, as one
+    or the other: the listener's Recv-Q, read at another instant than the connections, counted
+    a connection accepted in between as both under fast churn. Without ss: /proc/net/tcp, where
+    the same holds."""
     if Path(SS).exists():
-        out = subprocess.run([SS, "-tnH", "state", "established", "state", "listening", f"( sport = :{port} )"],
+        out = subprocess.run([SS, "-tnHe", "state", "established", f"( sport = :{port} )"],
                              capture_output=True, text=True, timeout=10).stdout
-        established = queued = 0
+        held = queued = 0
         for line in out.splitlines():
-            fields = line.split()
-            if fields and fields[0] == "LISTEN":
-                queued += int(fields[1])
-            elif fields and fields[0] == "ESTAB":
-                established += 1
-        return established - queued, queued
+            if " ino:0 " in line:
+                queued += 1
+            elif line.strip():
+                held += 1
+        return held, queued
     held = queued = 0
     suffix = f":{port:04X}"
     with open("/proc/net/tcp") as table:
@@ -150,9 +181,11 @@ class Sampler:
     """Polls the system under test's CPU and RSS (and, given the ``backend`` port, the connections
     its backend holds) every 0.2 s while the load runs."""
 
-    def __init__(self, pids: list[int], backend: int | None = None) -> None:
+    def __init__(self, pids: list[int], backend: int | None = None,
+                 on_rss: Callable[[int], None] | None = None) -> None:
         self.pids = pids
         self.backend = backend
+        self.on_rss = on_rss  # called with each RSS sample
         self.peak_rss = 0
         self.peak_backend = self.peak_queued = self.peak_established = 0
         self._stop = threading.Event()
@@ -179,7 +212,10 @@ class Sampler:
         return total
 
     def sample(self) -> None:
-        self.peak_rss = max(self.peak_rss, self.rss())
+        rss = self.rss()
+        self.peak_rss = max(self.peak_rss, rss)
+        if self.on_rss is not None:
+            self.on_rss(rss)
         if self.backend is not None:
             held, queued = backend_connections(self.backend)
             self.peak_backend = max(self.peak_backend, held)
@@ -201,18 +237,38 @@ class Sampler:
         self.cpu_used = self.cpu() - self._cpu_start
 
 
-def start_system(system: str, sink: SmtpSink, stack: ExitStack, setup: Setup, clients: int) -> Server | None:
-    """Start ``system`` in front of ``sink`` for a load of ``clients`` connections at once."""
+def start_system(system: str, sink: SmtpSink, stack: ExitStack, setup: Setup, clients: int,
+                 tls: bool = False) -> Server | None:
+    """Start ``system`` in front of ``sink`` for a load of ``clients`` connections at once; with
+    ``tls``, offering STARTTLS with the run's certificate."""
     if system == "direct":
         return None
+    pair = (setup.tls_cert, setup.tls_key) if tls else None
+    if tls and (pair[0] is None or pair[1] is None):  # type: ignore[index]
+        raise ValueError("a TLS scenario needs setup.tls_cert and setup.tls_key")
     if is_edgeproxy(system):
+        settings = proxy_settings(clients)
+        if pair is not None:
+            settings |= {"EDGEPROXY_TLS_CERT": str(pair[0]), "EDGEPROXY_TLS_KEY": str(pair[1])}
         return stack.enter_context(EdgeproxyServer(sink.address, workers=setup.workers, build=setup.builds[system],
-                                                   settings=proxy_settings(clients)))
+                                                   settings=settings))
     if system == "haproxy":
         return stack.enter_context(HaproxyTcp(sink.address))
     if system == "postfix":
-        return stack.enter_context(PostfixRelayPolicy(sink.address))
+        return stack.enter_context(PostfixRelayPolicy(sink.address, tls=pair))  # type: ignore[arg-type]
     raise ValueError(f"unknown system {system!r}")
+
+
+def tls_row(scenario: str, system: str) -> tuple[str, bool, str | None]:
+    """What a row runs: (load generator scenario, TLS resumption, TLS mode for the report)."""
+    if scenario not in TLS_ROWS:
+        return scenario, False, None
+    if system == "direct":
+        return "deliver", False, "plaintext floor"  # the sink offers no STARTTLS
+    kind, resumed = TLS_ROWS[scenario]
+    if kind == loadgen.EHLO_ONLY:
+        return kind, False, "plaintext"
+    return kind, resumed, "resumed" if resumed else "full"
 
 
 def settings_of(server: Server | None) -> dict[str, str]:
@@ -251,20 +307,55 @@ def check(system: str, result: loadgen.Result, sink: SmtpSink) -> tuple[int, lis
 
 
 def measure(scenario: str, system: str, concurrency: int, setup: Setup) -> Measurement:
+    """One row: ``scenario`` (a load scenario, or one of :data:`TLS_ROWS`) through ``system``."""
+    kind, resumption, tls_mode = tls_row(scenario, system)
     with ExitStack() as stack:
-        sink = stack.enter_context(SmtpSink())
-        server = start_system(system, sink, stack, setup, concurrency)
+        limit = setup.sink_limit(scenario)
+        sink = stack.enter_context(SmtpSink(max_sessions=limit))
+        server = start_system(system, sink, stack, setup, concurrency, tls=tls_mode is not None)
         target = server if server is not None else sink
         pids = target.pids()
-        job = loadgen.Job(target.host, target.port, scenario, concurrency, setup.duration, setup.sessions,
-                          setup.message_size, session_timeout=setup.session_timeout)
-        with Sampler(pids) as sampler:
+        job = loadgen.Job(target.host, target.port, kind, concurrency, setup.duration, setup.sessions,
+                          setup.message_size, session_timeout=setup.session_timeout, tls_resumption=resumption)
+        sink_cpu = Sampler(sink.pids()) if server is not None else None
+        machine, own = machine_cpu(), harness_cpu()
+        with Sampler(pids, backend=sink.port) as sampler:
             result = loadgen.run_load(job, setup.processes)
+        machine, own = machine_cpu() - machine, harness_cpu() - own
+        sink_used = sink_cpu.cpu() - sink_cpu._cpu_start if sink_cpu is not None else 0.0
         time.sleep(0.3)  # the sink's last files
         sink_count, problems = check(system, result, sink)
     cpu = sampler.cpu_used
+    # The machine's CPU that neither the system, its sink, the load generator nor this harness
+    # used: other work sharing the cores (another test suite, say), which the figures also show.
+    other = max(0.0, machine - cpu - sink_used - own)
+    tls = None
+    if tls_mode is not None:
+        tls = {"mode": tls_mode, "handshakes": result.tls_handshakes, "offered": result.tls_offered,
+               "resumed": result.tls_resumed, "versions": dict(result.tls_versions)}
+        if tls_mode in ("full", "resumed") and result.tls_handshakes < result.sessions:
+            problems.append(f"{result.sessions - result.tls_handshakes} sessions without a TLS handshake")
     return _measurement(scenario, system, concurrency, setup, result, cpu, sampler, sink_count, problems,
-                        correct=not problems and result.failed == 0, settings=settings_of(server))
+                        correct=not problems and result.failed == 0, settings=settings_of(server),
+                        backend_limit=limit, tls=tls, other_cpu_s=other, **_backend_peaks(sampler))
+
+
+def harness_cpu() -> float:
+    """This process's CPU and its reaped children's: the load generators (joined), ss."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def machine_cpu() -> float:
+    """CPU-seconds the whole machine has been busy (every core, not idle, waiting or stolen)."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0) - getattr(times, "steal", 0.0) - \
+        getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+
+
+def _backend_peaks(sampler: Sampler) -> dict[str, int]:
+    return {"peak_backend_connections": sampler.peak_backend, "peak_backend_queued": sampler.peak_queued,
+            "peak_backend_established": sampler.peak_established}
 
 
 def _measurement(scenario: str, system: str, concurrency: int, setup: Setup, result: loadgen.Result, cpu: float,
@@ -290,8 +381,9 @@ def measure_hostile(system: str, concurrency: int, setup: Setup) -> Measurement:
     """``deliver`` at ``concurrency`` beside ``setup.hostile_clients`` hostile clients, against a
     sink that serves at most ``setup.backend_limit`` sessions at once."""
     counts = hostile.split(setup.hostile_clients)
+    limit = setup.sink_limit("hostile")
     with ExitStack() as stack:
-        sink = stack.enter_context(SmtpSink(max_sessions=setup.backend_limit))
+        sink = stack.enter_context(SmtpSink(max_sessions=limit))
         server = start_system(system, sink, stack, setup, concurrency + setup.hostile_clients)
         target = server if server is not None else sink
         job = loadgen.Job(target.host, target.port, "hostile", concurrency, setup.duration, setup.sessions,
@@ -317,28 +409,99 @@ def measure_hostile(system: str, concurrency: int, setup: Setup) -> Measurement:
     if not kinds:
         problems.append("the hostile clients' process reported nothing")
     for stats in kinds.values():
-        times = stats.pop("close_after_s")
-        stats["close_after_s"] = ({"min": min(times), "median": statistics.median(times), "max": max(times)}
-                                  if times else None)
+        stats.pop("bytes_per_client", None)
+        _close_times(stats)
     details = {"clients": counts, "max_bytes_per_client": setup.hostile_max_bytes,
-               "backend_limit": setup.backend_limit, "rss_start_mb": rss_start / 2**20, "kinds": kinds}
+               "backend_limit": limit, "rss_start_mb": rss_start / 2**20, "kinds": kinds}
     # Correct: the sink holds exactly what was acknowledged. Failed normal sessions are what the
     # scenario measures, reported by reason, not a fault of the harness.
     return _measurement("hostile", system, concurrency, setup, result, cpu, sampler, sink_count, problems,
-                        correct=not problems, settings=settings_of(server),
-                        peak_backend_connections=sampler.peak_backend, peak_backend_queued=sampler.peak_queued,
-                        peak_backend_established=sampler.peak_established, hostile=details)
+                        correct=not problems, settings=settings_of(server), backend_limit=limit,
+                        hostile=details, **_backend_peaks(sampler))
+
+
+def _close_times(stats: dict[str, object]) -> None:
+    times: list[float] = stats.pop("close_after_s")  # type: ignore[assignment]
+    stats["close_after_s"] = ({"min": min(times), "median": statistics.median(times), "max": max(times)}
+                              if times else None)
+
+
+def measure_held_input(system: str, setup: Setup) -> Measurement:
+    """``deliver`` by ``setup.held_deliver_clients`` clients through an edgeproxy system, alone and
+    then beside ``setup.held_clients`` held-input clients (EHLO, MAIL, a RCPT the backend answers
+    only after ``held_rcpt_delay``, then NOOP lines written without reading). The row is the deliver
+    clients beside the held ones; ``held_input`` adds the RSS and what the held clients sent."""
+    concurrency = setup.held_deliver_clients
+    delay = setup.held_rcpt_delay if setup.held_rcpt_delay is not None else setup.duration + 30
+    guard: dict[str, float | None] = {"hit_mb": None}
+    with ExitStack() as stack:
+        sink = stack.enter_context(SlowSink(delay, max_sessions=setup.backend_limit))
+        server = start_system(system, sink, stack, setup, concurrency + setup.held_clients)
+        assert server is not None
+        job = loadgen.Job(server.host, server.port, "held-input", concurrency, setup.duration, setup.sessions,
+                          setup.message_size, session_timeout=setup.session_timeout)
+        unloaded = loadgen.run_load(job, setup.processes)
+        clients = hostile.HostileProcess(server.host, server.port, {hostile.HELD: setup.held_clients},
+                                         setup.held_max_bytes, setup.message_size, setup.session_timeout,
+                                         limit=setup.duration + setup.session_timeout + 120)
+
+        def watch(rss: int) -> None:  # the writers stop before the machine runs out of memory
+            if rss > setup.held_rss_guard and guard["hit_mb"] is None:
+                guard["hit_mb"] = rss / 2**20
+                clients.stop.set()
+
+        with Sampler(server.pids(), backend=sink.port, on_rss=watch) as sampler:
+            rss_start = sampler.peak_rss
+            cpu_start = sampler.cpu()  # what the held clients cost, from their first byte, is in
+            try:
+                clients.start()
+                result = loadgen.run_load(job, setup.processes)
+                cpu = sampler.cpu() - cpu_start
+            finally:
+                kinds = clients.finish()
+        time.sleep(0.3)  # the sink's last files
+        both = loadgen.Result()
+        both.merge(unloaded)
+        both.merge(result)
+        sink_count, problems = check(system, both, sink)
+        # The backend goes first: a proxy that stopped reading a held client does not see it
+        # leave, and its drain would wait for that transaction; the backend's loss ends it.
+        sink.stop()
+    stats: dict[str, object] = kinds.get(hostile.HELD) or {}
+    if not stats:
+        problems.append("the held-input clients' process reported nothing")
+    else:
+        stats.pop("tokens", None)
+        _close_times(stats)
+    sent: list[int] = stats.pop("bytes_per_client", []) or []  # type: ignore[assignment]
+    rate_unloaded = unloaded.delivered / (unloaded.elapsed or setup.duration)
+    rate_loaded = result.delivered / (result.elapsed or setup.duration)
+    details = {
+        "clients": setup.held_clients, "deliver_clients": concurrency, "rcpt_delay_s": delay,
+        "max_bytes_per_client": setup.held_max_bytes, "rss_start_mb": rss_start / 2**20,
+        "rss_guard_mb": setup.held_rss_guard / 2**20, "rss_guard_hit_mb": guard["hit_mb"],
+        "sent_median_mb": statistics.median(sent) / 2**20 if sent else 0.0,
+        "sent_max_mb": max(sent) / 2**20 if sent else 0.0, "sent_total_mb": sum(sent) / 2**20,
+        "unloaded_messages_per_s": rate_unloaded, "unloaded_failed": unloaded.failed,
+        "unloaded_failures": dict(unloaded.errors), "loaded_fraction": rate_loaded / rate_unloaded
+        if rate_unloaded else 0.0, "kind": stats,
+    }
+    # Failed normal sessions are the finding, by reason; correct means the sink holds exactly
+    # the acknowledged messages.
+    return _measurement("held-input", system, concurrency, setup, result, cpu, sampler, sink_count, problems,
+                        correct=not problems, settings=settings_of(server), backend_limit=setup.backend_limit,
+                        held_input=details, **_backend_peaks(sampler))
 
 
 def measure_under_load(kind: str, count: int, concurrency: int, system: str, setup: Setup) -> dict[str, object]:
     """``deliver`` through an edgeproxy system alone, then beside ``count`` idle or trickling clients."""
     with ExitStack() as stack:
-        sink = stack.enter_context(SmtpSink())
+        sink = stack.enter_context(SmtpSink(max_sessions=setup.backend_limit))
         proxy = start_system(system, sink, stack, setup, concurrency + count)
         assert proxy is not None
         job = loadgen.Job(proxy.host, proxy.port, "deliver", concurrency, setup.duration, 0, setup.message_size,
                           session_timeout=setup.session_timeout)
-        sampler = Sampler(proxy.pids())
+        sampler = stack.enter_context(Sampler(proxy.pids(), backend=sink.port))
         rss_before = sampler.rss()
         unloaded = loadgen.run_load(job, setup.processes)
         holder, ready = loadgen.background(kind, proxy.host, proxy.port, count, setup.duration * 2 + 30)
@@ -365,7 +528,7 @@ def measure_under_load(kind: str, count: int, concurrency: int, system: str, set
         "loaded_fraction": rate["loaded"] / rate["unloaded"] if rate["unloaded"] else 0.0,
         "unloaded_p99_ms": percentile(unloaded.latencies, 0.99), "loaded_p99_ms": percentile(loaded.latencies, 0.99),
         "failed": both.failed, "failures": dict(both.errors), "problems": problems,
-        "settings": settings_of(proxy),
+        "settings": settings_of(proxy), "backend_limit": setup.backend_limit, **_backend_peaks(sampler),
     }
 
 

@@ -142,6 +142,63 @@ class SmtpSink(Server):
         return [path.read_bytes() for path in self.dump.rglob("*") if path.is_file() and not path.name.startswith(".")]
 
 
+class SlowSink(SmtpSink):
+    """``bench/slowsink.py``: a sink that answers RCPT to ``held…@`` recipients only after ``delay``
+    seconds and every other command at once (smtp-sink's ``-W rcpt:delay`` would delay every
+    recipient, the normal clients' too). The ``held-input`` scenario's backend."""
+
+    name = "slowsink"
+
+    def __init__(self, delay: float, max_sessions: int | None = None, prefix: str = "held") -> None:
+        super().__init__(max_sessions)
+        self.delay = delay
+        self.prefix = prefix
+        self.native = False
+
+    def start(self) -> SlowSink:
+        command = [sys.executable, str(Path(__file__).with_name("slowsink.py")), "--listen", f"127.0.0.1:{self.port}",
+                   "--dir", str(self.dump), "--delay", str(self.delay), "--prefix", self.prefix]
+        if self.max_sessions:
+            command += ["--max-sessions", str(self.max_sessions)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_greeting(self.port, process=self.process)
+        return self
+
+
+def make_certificate(directory: Path, key_type: str = "ec") -> tuple[Path, Path]:
+    """A throwaway self-signed certificate for ``mx.bench.test`` and its key, made now in
+    ``directory`` (never checked in): ``ec`` (P-256, ECDSA) or ``rsa`` (2048 bits)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import NameOID
+
+    if key_type == "ec":
+        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = ec.generate_private_key(ec.SECP256R1())
+    elif key_type == "rsa":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        raise ValueError(f"unknown key type {key_type!r}: ec or rsa")
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.bench.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("mx.bench.test")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "bench-cert.pem", directory / "bench-key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 PROBE = """
 import json
 import sys
@@ -351,14 +408,25 @@ class PostfixRelayPolicy(PrivatePostfix):
     """Postfix's smtpd with the same relay policy as edgeproxy, passing accepted mail
     before-queue to the sink (``smtpd_proxy_filter``): the same job, done by Postfix."""
 
-    def __init__(self, sink: tuple[str, int], domain: str = "example.test") -> None:
+    def __init__(self, sink: tuple[str, int], domain: str = "example.test",
+                 tls: tuple[Path, Path] | None = None) -> None:
         super().__init__(
             f"relay_domains = {domain}\nmynetworks = 127.255.255.255/32\n"
             "smtpd_relay_restrictions = reject_unauth_destination\n"
             f"smtpd_proxy_filter = {sink[0]}:{sink[1]}\nsmtpd_proxy_options = speed_adjust\n"
             "smtpd_hard_error_limit = 1000\nsmtpd_client_connection_count_limit = 0\n"
             "default_process_limit = 200\n"
+            + (postfix_tls(*tls) if tls else "")
         )
+
+
+def postfix_tls(cert: Path, key: Path) -> str:
+    """STARTTLS offered (not required) with ``cert``; TLS 1.3 tickets from tlsmgr's keys, which
+    every smtpd process shares (``smtpd_tls_session_cache_timeout``, default 3600 s, > 0), and a
+    server-side cache for TLS 1.2 session IDs."""
+    return (f"smtpd_tls_cert_file = {cert}\nsmtpd_tls_key_file = {key}\nsmtpd_tls_security_level = may\n"
+            "smtpd_tls_loglevel = 0\nsmtpd_tls_received_header = no\n"
+            "smtpd_tls_session_cache_database = btree:${data_directory}/smtpd_scache\n")
 
 
 class PostfixBackend(PrivatePostfix):

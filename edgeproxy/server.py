@@ -299,6 +299,7 @@ class ClientProtocol(asyncio.Protocol):
             self._tls_task = None
         session = self.session
         if secured is None or session is None or self._closing:
+            self.connection_lost(None)  # (released once: a second call does nothing)
             return
         self.transport = secured  # type: ignore[assignment]
         self._reading = True

@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from bench import loadgen, report, runner
 from bench.servers import EdgeproxyBuild, free_port
 from tests.conftest import require_tool
@@ -195,3 +197,105 @@ def test_quick_hostile_run_counts_what_every_client_did(tmp_path: Path) -> None:
     assert proxy["delivered"] > 0 and proxy["sut_cpu_s"] > 0
     assert result.returncode == 0, result.stdout + result.stderr
     assert "## Hostile" in (output / "report.md").read_text()
+
+
+def test_quick_deliver_tls_run_counts_handshakes_and_resumptions(tmp_path: Path) -> None:
+    """deliver-tls with resumption: every session a TLS 1.3 handshake, nearly all resumed (the
+    first of each client cannot be), beside Postfix with the same certificate and the plaintext
+    floor; the handshake's share of CPU comes out of the handshake-only and ehlo-only rows."""
+    require_tool("smtp-sink")
+    require_tool("postfix")
+    output = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--duration", "1", "--scenario", "deliver-tls",
+         "--tls-resumption", "on", "--references", "direct,postfix", "--output", str(output)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((output / "results.json").read_text())
+    runs = {(run["scenario"], run["system"]): run for run in data["runs"]}
+    assert set(runs) == {("deliver-tls", "direct")} | {
+        (scenario, system) for scenario in ("deliver-tls/resumed", "tls-handshake-only/resumed", "ehlo-only")
+        for system in ("edgeproxy", "postfix")}
+    for (scenario, system), run in runs.items():
+        assert run["correct"] and run["sessions"] > 0 and run["failed"] == 0, run
+        tls = run["tls"]
+        if scenario == "ehlo-only" or system == "direct":
+            assert tls["handshakes"] == 0 and tls["mode"] in ("plaintext", "plaintext floor")
+            continue
+        assert tls["mode"] == "resumed" and tls["handshakes"] == run["sessions"]
+        assert set(tls["versions"]) == {"TLSv1.3 TLS_AES_256_GCM_SHA384"}, tls
+        # Each client's first handshake has nothing to offer yet; every later one resumes.
+        assert tls["offered"] >= tls["handshakes"] - 4 and tls["resumed"] >= tls["offered"] - 4, tls
+    floor = runs[("deliver-tls", "direct")]
+    assert floor["delivered"] == floor["sink_messages"] > 0
+    for system in ("edgeproxy", "postfix"):
+        assert runs[("deliver-tls/resumed", system)]["delivered"] == \
+            runs[("deliver-tls/resumed", system)]["sink_messages"] > 0
+    summary = {(entry["system"], entry["mode"]): entry for entry in data["tls"]}
+    assert set(summary) == {("edgeproxy", "resumed"), ("postfix", "resumed")}
+    for entry in summary.values():
+        assert entry["handshake_cpu_ms"] is not None and entry["cpu_ms_per_session"] > 0
+    assert summary[("edgeproxy", "resumed")]["vs_postfix"] > 0
+    assert "## deliver-tls" in (output / "report.md").read_text()
+    assert "TLS sessions/CPU-s ≥ 1.5× Postfix's" in result.stdout
+    assert not list(output.glob("*key*"))  # the throwaway key stays in its temporary directory
+
+
+def test_quick_held_input_run_counts_what_the_held_clients_sent(tmp_path: Path) -> None:
+    """held-input: clients behind a RCPT the backend sits on write NOOPs without reading; the run
+    reports what each got the socket to take (never past its cap), the proxy's RSS from before they
+    came, and the normal clients beside them, whose messages are in the sink."""
+    require_tool("smtp-sink")
+    output = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--scenario", "held-input", "--held-clients", "6",
+         "--held-deliver-clients", "2", "--held-max-mb", "4", "--session-timeout", "5", "--output", str(output)],
+        capture_output=True, text=True, timeout=120,
+    )
+    data = json.loads((output / "results.json").read_text())
+    [run] = data["runs"]
+    assert run["scenario"] == "held-input" and run["system"] == "edgeproxy", result.stdout + result.stderr
+    assert run["correct"] and run["concurrency"] == 2, run
+    info = run["held_input"]
+    assert info["clients"] == 6 and info["deliver_clients"] == 2
+    assert info["rcpt_delay_s"] == 31.5  # never answered within the run
+    stats = info["kind"]
+    assert stats["connected"] == 6 and stats["closed_by_server"] + stats["open_at_end"] == 6, stats
+    assert not stats["errors"], stats
+    assert 0 < info["sent_median_mb"] <= info["sent_max_mb"] <= 4
+    assert info["sent_total_mb"] * 2**20 == pytest.approx(stats["bytes_written"])
+    assert 0 < info["rss_start_mb"] <= run["peak_rss_mb"]
+    assert info["unloaded_messages_per_s"] > 0
+    # Normal clients beside them: what they delivered, and before that alone, is in the sink.
+    assert run["failed"] == sum(run["failures"].values())
+    assert run["sink_messages"] >= run["delivered"]
+    assert run["peak_backend_connections"] >= 1
+    assert "## held-input" in (output / "report.md").read_text()
+    assert "held clients sent: median" in result.stdout
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_backend_limit_reaches_the_sink_in_every_scenario(tmp_path: Path) -> None:
+    """--backend-limit caps the sink (smtp-sink -m) in a plain scenario too, and every row says
+    the most connections the sink held and queued: with 4 clients straight to a sink serving 2,
+    the others wait in its backlog."""
+    require_tool("smtp-sink")
+    output = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--duration", "1", "--scenario", "deliver", "--references",
+         "direct", "--backend-limit", "2", "--output", str(output)],
+        capture_output=True, text=True, timeout=60,
+    )
+    data = json.loads((output / "results.json").read_text())
+    runs = {run["system"]: run for run in data["runs"]}
+    assert set(runs) == {"edgeproxy", "direct"}, result.stdout + result.stderr
+    for run in runs.values():
+        assert run["backend_limit"] == 2, run
+        # ss's one sample is not atomic: a connection accepted while it lists may count twice.
+        assert 1 <= run["peak_backend_connections"] <= 3, run
+        assert run["peak_backend_established"] >= run["peak_backend_connections"]
+        assert run["failed"] == sum(run["failures"].values())
+    direct = runs["direct"]
+    assert direct["correct"] and direct["peak_backend_queued"] >= 1, direct
+    assert "backend held/q" in result.stdout
