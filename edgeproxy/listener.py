@@ -10,6 +10,9 @@ import enum
 
 
 class ListenerKind(enum.Enum):
+    # Members compare by identity; hashing them so too keeps set and dict lookups in C.
+    __hash__ = object.__hash__
+
     SMTP = "smtp"  # port 25: the relay policy as it stands
     RELAY = "relay"  # an internal listener whose clients may relay (Exchange's "these addresses")
     SUBMISSION = "submission"  # port 587 (RFC 6409): STARTTLS before MAIL

@@ -7,7 +7,7 @@ replies without importing the core.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _REPLY_TEXT = re.compile(r"^([245]\d\d) ([245])\.(\d{1,3})\.(\d{1,3})(?: (.*))?$")
 
@@ -17,6 +17,10 @@ class Reply:
     code: int
     enhanced: str  # "5.7.1"; empty only for the greeting-style replies that carry none
     text: str
+    _wire: bytes = field(init=False, repr=False, compare=False)  # encoded once, sent many times
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_wire", (str(self) + "\r\n").encode("ascii"))
 
     @classmethod
     def parse(cls, value: str) -> Reply:
@@ -40,7 +44,7 @@ class Reply:
         return f"{self.code} {self.enhanced} {self.text}".rstrip() if self.enhanced else f"{self.code} {self.text}"
 
     def encode(self) -> bytes:
-        return (str(self) + "\r\n").encode("ascii")
+        return self._wire
 
     @property
     def is_permanent(self) -> bool:

@@ -24,6 +24,9 @@ XCLIENT_LINE_LIMIT = 512
 
 class Own(enum.Enum):
     """The connection's own commands; their replies never reach a client."""
+    # Members compare by identity; hashing them so too keeps set and dict lookups in C.
+    __hash__ = object.__hash__
+
 
     GREETING = "greeting"
     EHLO = "EHLO"

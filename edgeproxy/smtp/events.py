@@ -17,6 +17,9 @@ from edgeproxy.smtp.sasl import Secret
 
 class Command(enum.Enum):
     """A client command forwarded to the backend. Each but BODY expects exactly one reply."""
+    # Members compare by identity; hashing them so too keeps set and dict lookups in C.
+    __hash__ = object.__hash__
+
 
     MAIL = "MAIL"
     RCPT = "RCPT"

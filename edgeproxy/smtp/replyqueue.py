@@ -22,24 +22,23 @@ class Slot:
         self.close = close
 
 
-class ReplyQueue:
-    __slots__ = ("_slots",)
+class ReplyQueue(deque[Slot]):
+    """A deque of slots (its length and truth are the deque's own, in C)."""
 
-    def __init__(self) -> None:
-        self._slots: deque[Slot] = deque()
+    __slots__ = ()
 
     def add(self, data: bytes | Reply | None = None, close: bool = False) -> Slot:
         """A slot for the next reply: filled now with ``data``, or later through the slot."""
         if isinstance(data, Reply):
             data = data.encode()
         slot = Slot(data, close)
-        self._slots.append(slot)
+        self.append(slot)
         return slot
 
     def take(self) -> bytes:
         """Every reply that may leave now; nothing after a closing one."""
         out = []
-        slots = self._slots
+        slots = self
         while slots and slots[0].data is not None:
             slot = slots.popleft()
             out.append(slot.data)
@@ -47,6 +46,3 @@ class ReplyQueue:
                 slots.clear()
                 break
         return b"".join(out)  # type: ignore[arg-type]
-
-    def __len__(self) -> int:
-        return len(self._slots)

@@ -245,7 +245,8 @@ class SmtpSession(SessionCommands):
         self._pipeline_full = False
         buffer = self._input
         limit = self.limits.max_pipeline
-        while buffer and self._interpreting:
+        limits = self.limits
+        while buffer and self.state not in HOLDING_STATES:
             if self.state is State.BODY:
                 self._body(bytes(buffer))
                 continue
@@ -260,7 +261,7 @@ class SmtpSession(SessionCommands):
                 del buffer[: newline + 1]
                 self._skipping_line = False
                 continue
-            line_limit = self._line_limit()
+            line_limit = self._line_limit() if limits.auth else limits.max_line_length
             if newline < 0:
                 if len(buffer) > line_limit:
                     buffer.clear()

@@ -13,6 +13,9 @@ from edgeproxy.smtp import replies as r
 
 
 class State(enum.Enum):
+    # Members compare by identity; hashing them so too keeps set and dict lookups in C.
+    __hash__ = object.__hash__
+
     GREETING = "greeting"  # our 220 is not out yet: a client talking now is an early talker
     CONNECTED = "connected"  # greeted, no HELO or EHLO yet
     READY = "ready"  # HELO or EHLO done, no transaction
