@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from edgeproxy.netutil import set_nodelay
 from edgeproxy.reply import Reply
 from edgeproxy.smtp import replies as r
 from edgeproxy.smtp.client import BackendClient, ClientIdentity
@@ -38,7 +37,8 @@ class BackendOwner(Protocol):
 
 
 class BackendConnection(asyncio.Protocol):
-    __slots__ = ("_pool", "_timer", "_tls_task", "_transport", "client", "closed", "idle_since", "lease", "reused")
+    __slots__ = ("_pool", "_timer", "_timer_stale", "_tls_task", "_transport", "client", "closed", "idle_since",
+                 "lease", "reused")
 
     def __init__(self, pool: BackendPool) -> None:
         self._pool = pool
@@ -46,6 +46,9 @@ class BackendConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._tls_task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # Set by anything that moves the deadline (bytes written, a reply read); a flush that
+        # writes nothing leaves a running timer alone rather than re-arming it each round.
+        self._timer_stale = False
         self.lease: BackendLease | None = None
         self.closed = False
         self.reused = False  # taken from the idle pool: it may have died there unnoticed
@@ -55,7 +58,7 @@ class BackendConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        set_nodelay(transport)
+        # (TCP_NODELAY, design.md §3: both loops set it on every TCP transport themselves.)
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)  # type: ignore[attr-defined]
         self._arm_timer()
 
@@ -63,6 +66,7 @@ class BackendConnection(asyncio.Protocol):
         client = self.client
         was_ready = client.ready
         client.receive_data(data)
+        self._timer_stale = True
         for _, code, raw in client.take_replies():
             if self.lease is not None:
                 self.lease.owner.backend_reply(code, raw)
@@ -126,7 +130,10 @@ class BackendConnection(asyncio.Protocol):
         data = self.client.data_to_send()
         if data:
             self._transport.write(data)
-        self._arm_timer()
+            self._timer_stale = True
+        if self._timer_stale:
+            self._timer_stale = False
+            self._arm_timer()
 
     def abort(self) -> None:
         """Drop the connection at once, without ending any message it carries."""

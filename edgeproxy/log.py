@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 # C0, DEL and C1 controls, shown as \xNN; everything printable is left as it is.
 _CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+# Whether info lines are written: below that level the per-session log work (binding a logger,
+# building the session and refusal lines) is skipped, not merely filtered.
+info_enabled = True
 
 
 def _escape_control_characters(_logger: object, _method: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -30,6 +33,8 @@ def _escape_control_characters(_logger: object, _method: str, event: dict[str, A
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    global info_enabled
+    info_enabled = _LEVELS[level] <= logging.INFO
     stream = stream if stream is not None else sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     processors: list[Any] = [

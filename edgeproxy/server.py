@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from edgeproxy import log as logsetup
 from edgeproxy.auth import Outcome
 from edgeproxy.backend import BackendLease
 from edgeproxy.listener import ListenerKind
 from edgeproxy.log import RefusalLog
-from edgeproxy.netutil import set_nodelay
 from edgeproxy.reply import Reply
 from edgeproxy.smtp import events as ev
 from edgeproxy.smtp import replies as r
@@ -98,7 +98,7 @@ class ClientProtocol(asyncio.Protocol):
     def _admit(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
         self.client = peer[0] if peer else "?"
-        set_nodelay(transport)
+        # (TCP_NODELAY, design.md §3: both loops set it on every TCP transport themselves.)
         state = self.state
         policy = state.policy
         self.session_id = state.new_session_id()
@@ -190,6 +190,12 @@ class ClientProtocol(asyncio.Protocol):
             self.lease = None
         self.state.limiter.release(self.client)
         self.state.sessions.discard(self)
+        if logsetup.info_enabled:
+            self._log_session(session)
+        if self.state.draining and not self.state.sessions:
+            self.state.drained.set()
+
+    def _log_session(self, session: SmtpSession) -> None:
         self._refusals.flush(self.log, session.helo)
         stats = session.stats
         self.log.info(
@@ -203,8 +209,6 @@ class ClientProtocol(asyncio.Protocol):
             errors=stats.errors,
             rules=stats.rules or None,
         )
-        if self.state.draining and not self.state.sessions:
-            self.state.drained.set()
 
     def pause_writing(self) -> None:
         self._client_writable = False
@@ -335,7 +339,8 @@ class ClientProtocol(asyncio.Protocol):
             if isinstance(event, ev.BackendSend):
                 self._send_backend(event)
             elif isinstance(event, ev.Refused):
-                self._refusals.add(event, self.log, self.session.helo if self.session else None)
+                if logsetup.info_enabled:
+                    self._refusals.add(event, self.log, self.session.helo if self.session else None)
             elif isinstance(event, ev.BackendRelease):
                 if self.lease is not None:
                     self.lease.release()

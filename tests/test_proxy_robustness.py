@@ -114,7 +114,8 @@ def test_client_input_held_behind_a_slow_backend_reply_is_bounded(make_proxy) ->
     on how fast the proxy interprets lines: an unbounded proxy takes 64 MB of 500-octet lines in
     well under the 3 s. What the kernel buffers on loopback (several MB) is allowed for."""
     with PipeliningSink(rcpt_delay=5) as backend:
-        proxy = make_proxy(backend.address)
+        # The NOOP loop's own limit would end the session first (the next test): out of the way.
+        proxy = make_proxy(backend.address, junk_command_limit="1000000")
         client = Client(proxy.port)
         client.sock.sendall(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\n")
         block = memoryview((b"NOOP " + b"x" * 493 + b"\r\n") * 128)
@@ -135,6 +136,31 @@ def test_client_input_held_behind_a_slow_backend_reply_is_bounded(make_proxy) ->
         for _ in range(100):
             assert client.read_reply() == r.OK.encode()
         client.close()
+
+
+def test_session_closed_behind_a_held_backend_reply_stops_reading(make_proxy) -> None:
+    """Found by this file's first test: NOOPs past JUNK_COMMAND_LIMIT end the session with 421,
+    but that last reply waits behind the backend's held RCPT reply. A closed session interprets
+    nothing more, and the proxy used to go on reading (and dropping) all the client sent: 64 MB
+    in a fraction of a second. It stops reading instead, and the 421 follows the held replies."""
+    with PipeliningSink(rcpt_delay=3) as backend:
+        proxy = make_proxy(backend.address)
+        client = Client(proxy.port)
+        client.sock.sendall(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\n")
+        block = memoryview(b"NOOP\r\n" * 10000)
+        client.sock.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and sent < 64 * MB:
+            try:
+                sent += client.sock.send(block[sent % len(block):])
+            except BlockingIOError:
+                select.select([], [client.sock], [], 0.05)
+        assert sent < 20 * MB, f"the proxy read {sent / MB:.0f} MB for a session it had closed"
+        replies = replies_in(read_to_end(client.sock, timeout=15))
+        assert replies[2].startswith(b"250 2.1.5")  # the backend's RCPT reply, held 3 s
+        assert replies[-1] == r.TOO_MANY_ERRORS.encode()
+        assert all(reply == r.OK.encode() for reply in replies[3:-1])
 
 
 # -- 2. recipient floods -------------------------------------------------------------------------
@@ -628,3 +654,37 @@ def test_a_delivered_message_resets_the_junk_count(make_proxy, sink) -> None:
                 assert client.rset()[0] == 250
             client.sendmail("a@b.test", ["u@example.test"], f"Subject: {number}\r\n\r\nx\r\n")
     assert wait_for(lambda: len(sink.messages) == 5)
+
+
+# -- found while profiling: TCP_NODELAY is the loop's -------------------------------------------
+
+
+def test_both_legs_of_a_session_have_tcp_nodelay(make_proxy, sink) -> None:
+    """design.md §3: a proxy that writes a reply and waits for the peer must not meet Nagle's
+    algorithm. Neither leg sets the option itself any more (both loops set it on every TCP
+    transport), so this checks the sockets the proxy really holds, client side and backend side."""
+    proxy = make_proxy(sink.address)
+    client = Client(proxy.port)
+    assert client.command(b"EHLO c\r\n").startswith(b"250")
+    assert client.command(b"MAIL FROM:<a@b.test>\r\n").startswith(b"250")
+    assert client.command(b"RCPT TO:<u@example.test>\r\n").startswith(b"250")  # a backend leg now
+    seen: list[tuple[str, int]] = []
+    done = threading.Event()
+
+    def inspect() -> None:
+        assert proxy.state is not None
+        for session in proxy.state.sessions:
+            seen.append(("client", _nodelay(session.transport)))
+            connection = session.lease.connection if session.lease is not None else None
+            if connection is not None:
+                seen.append(("backend", _nodelay(connection._transport)))
+        done.set()
+
+    proxy.call(inspect)
+    assert done.wait(5)
+    client.close()
+    assert seen == [("client", 1), ("backend", 1)], seen
+
+
+def _nodelay(transport) -> int:
+    return transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)

@@ -219,8 +219,10 @@ class SmtpSession(SessionCommands):
     @property
     def wants_input(self) -> bool:
         """False when the I/O layer should stop reading: the client is ahead of us by more than
-        we hold for it, whatever the reason its replies are pending."""
-        return len(self._input) < self.limits.max_pending_input
+        we hold for it, whatever the reason its replies are pending; and once the session is
+        closed, while its last reply waits behind a backend's: nothing more would be interpreted,
+        and reading on would take (and drop) whatever the client keeps sending."""
+        return self.state is not State.CLOSED and len(self._input) < self.limits.max_pending_input
 
     @property
     def can_resume(self) -> bool:
@@ -474,7 +476,8 @@ class SmtpSession(SessionCommands):
             self._transaction_ended(False, reply.code, txn.recipients, scanner.size)
         if self.state is State.BODY:
             self.state = State.READY
-        self._txn = Transaction()
+        if self._txn.mail is not None:  # (an untouched one serves on: nothing is set before MAIL)
+            self._txn = Transaction()
         self._release_backend_if_done()
 
     # -- transactions --------------------------------------------------------------------------
@@ -487,7 +490,8 @@ class SmtpSession(SessionCommands):
         """RSET, HELO or EHLO: the backend forgets the transaction too."""
         if self._txn.forwarded:
             self._send(Command.RSET, b"RSET\r\n")
-        self._txn = Transaction()
+        if self._txn.mail is not None:
+            self._txn = Transaction()
 
     def _release_backend_if_done(self) -> None:
         if not self._expected and not self._txn.forwarded and self.state is not State.CLOSED:
