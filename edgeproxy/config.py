@@ -27,6 +27,8 @@ from edgeproxy.parsers import (
     parse_file,
     parse_hostname,
     parse_listeners,
+    parse_optional_host_port,
+    parse_redis_url,
     parse_required_listeners,
     parse_rewrite,
     parse_sender_deny,
@@ -71,6 +73,12 @@ _SETTINGS_VARIABLES: tuple[Variable, ...] = (
              "Mail submission listeners (RFC 6409, port 587): STARTTLS required before MAIL", "0.0.0.0:587"),
     Variable("SUBMISSIONS_LISTEN", parse_listeners, "",
              "Mail submission over implicit TLS (RFC 8314, port 465): TLS from the first byte", "0.0.0.0:465"),
+    Variable("PROXY_PROTOCOL_FROM", parse_cidrs, "",
+             "Load balancer CIDRs whose connections must start with a PROXY protocol v1/v2 header; the "
+             "client address in it is the one every rule, limit and log sees. From anywhere else a PROXY "
+             "header is refused", "10.0.0.2/32,10.0.0.3/32"),
+    Variable("PROXY_PROTOCOL_TIMEOUT", seconds_parser(0.1), "5",
+             "Seconds a load balancer has to send the PROXY header", "2"),
     Variable("TLS_CERT", parse_file, "",
              "PEM certificate (chain) for STARTTLS and implicit TLS; empty offers no TLS (the embedded "
              "defaults make a throwaway self-signed one)", "/etc/edgeproxy/tls/fullchain.pem"),
@@ -143,6 +151,12 @@ _SETTINGS_VARIABLES: tuple[Variable, ...] = (
              "Concurrent connections from one client address per worker; 0 = no limit", "20"),
     Variable("CONNECTION_RATE", int_parser(0), "0",
              "New connections per client address per minute per worker; 0 = no limit", "120"),
+    Variable("REDIS_URL", parse_redis_url, "",
+             "Redis holding the per-client connection count and rate for every worker and node; empty "
+             "keeps them per worker. Redis unwell: each worker falls back to its own counts",
+             "redis://10.0.0.20:6379/0"),
+    Variable("REDIS_TIMEOUT", seconds_parser(0.001), "0.05",
+             "Seconds one Redis decision may take before the worker decides alone", "0.02"),
     Variable("GREETING_DELAY", seconds_parser(0), "0",
              "Seconds to wait before the greeting; a client talking first gets 554", "2"),
     Variable("TIMEOUT", seconds_parser(1), "300",
@@ -187,6 +201,9 @@ _SETTINGS_VARIABLES: tuple[Variable, ...] = (
     Variable("SINK_DIR", parse_directory, "",
              "Where the embedded sink writes messages; empty makes a temporary directory",
              "/var/tmp/edgeproxy-sink"),
+    Variable("METRICS_LISTEN", parse_optional_host_port, "",
+             "Address serving /metrics (Prometheus, summed over workers), /healthz and /readyz; empty: off",
+             "127.0.0.1:9525"),
     Variable("LOG_LEVEL", choice_parser("debug", "info", "warning", "error"), "info",
              "Least severe log level written", "debug"),
     Variable("LOG_FORMAT", choice_parser("auto", "json", "console"), "auto",
@@ -211,6 +228,8 @@ class Settings:
     relay_listen: tuple[tuple[str, int], ...]
     submission_listen: tuple[tuple[str, int], ...]
     submissions_listen: tuple[tuple[str, int], ...]
+    proxy_protocol_from: tuple[str, ...]
+    proxy_protocol_timeout: float
     tls_cert: str
     tls_key: str
     tls_min_version: str
@@ -243,6 +262,8 @@ class Settings:
     max_connections: int
     max_connections_per_ip: int
     connection_rate: int
+    redis_url: str
+    redis_timeout: float
     greeting_delay: float
     timeout: float
     data_timeout: float
@@ -264,6 +285,7 @@ class Settings:
     workers: int
     drain_timeout: float
     sink_dir: str
+    metrics_listen: tuple[str, int] | None
     log_level: str
     log_format: str
     no_extensions: bool
@@ -301,6 +323,10 @@ class Settings:
             problems.append(f"{PREFIX}MAX_PENDING_INPUT={environ.get(PREFIX + 'MAX_PENDING_INPUT')!r}: "
                             f"must be at least the longest command line ({longest_line} octets)")
         problems += _tls_problems(values, environ)
+        if values.get("proxy_protocol_from") and values.get("submissions_listen"):
+            # On an implicit-TLS listener the TLS layer owns the first byte, where the header is.
+            problems.append(f"{PREFIX}PROXY_PROTOCOL_FROM={environ.get(PREFIX + 'PROXY_PROTOCOL_FROM')!r}: not "
+                            f"supported with {PREFIX}SUBMISSIONS_LISTEN (balance 465 without it, or use 587)")
         if values.get("auth") == "file" and "auth_users" in values and not values["auth_users"]:
             problems.append(f"{PREFIX}AUTH_USERS={environ.get(PREFIX + 'AUTH_USERS', '')!r}: needed with "
                             f"{PREFIX}AUTH=file")

@@ -12,16 +12,17 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import shutil
 import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import structlog
 
 from edgeproxy import log as logsetup
-from edgeproxy import tls
+from edgeproxy import metrics, tls
 from edgeproxy.config import ConfigError, Settings
 from edgeproxy.listener import ListenerKind
 from edgeproxy.worker import ServerState
@@ -71,10 +72,11 @@ def _listeners(settings: Settings) -> list[Listener]:
 
 
 async def serve(settings: Settings, backend: tuple[str, int], listeners: list[Listener],
-                reuse_port: bool, environ: Mapping[str, str]) -> None:
+                reuse_port: bool, environ: Mapping[str, str], metrics_dir: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     state = ServerState(settings, backend)
     await state.pool.probe()
+    report_metrics = _report_metrics(state, metrics_dir) if metrics_dir is not None else None
     servers = []
     bound = []
     for host, port, kind in listeners:
@@ -125,13 +127,36 @@ async def serve(settings: Settings, backend: tuple[str, int], listeners: list[Li
         log.warning("drain_deadline", aborted=len(state.sessions))
         state.abort_all()
     state.pool.close_all()
+    if state.shared_limits is not None:
+        await state.shared_limits.close()  # (the releases of the last sessions reach Redis first)
     await asyncio.sleep(0)
+    if report_metrics is not None:
+        report_metrics()
     log.info("stopped")
 
 
+def _report_metrics(state: ServerState, directory: str) -> Callable[[], None]:
+    """This worker's counts to the metrics process, once a second; the returned function writes
+    one at once (the last one, at the end)."""
+    loop = asyncio.get_running_loop()
+
+    def write() -> None:
+        try:
+            metrics.write_snapshot(directory, state.metrics_snapshot())
+        except OSError as error:
+            log.warning("metrics_snapshot_failed", reason=str(error))
+
+    def every_second() -> None:
+        write()
+        loop.call_later(metrics.SNAPSHOT_INTERVAL, every_second)
+
+    every_second()
+    return write
+
+
 def run_worker(settings: Settings, backend: tuple[str, int], listeners: list[Listener],
-               reuse_port: bool, environ: Mapping[str, str]) -> None:
-    coroutine = serve(settings, backend, listeners, reuse_port, environ)
+               reuse_port: bool, environ: Mapping[str, str], metrics_dir: str | None = None) -> None:
+    coroutine = serve(settings, backend, listeners, reuse_port, environ, metrics_dir)
     if settings.loop == "uvloop":
         import uvloop
 
@@ -175,7 +200,7 @@ def run(settings: Settings, environ: Mapping[str, str]) -> int:
                 log.info("tls_self_signed", certificate=cert, note="a throwaway certificate, for trying it out")
         _check_certificate(settings)
         listeners = _listeners(settings)
-        if settings.workers == 1:
+        if settings.workers == 1 and settings.metrics_listen is None:
             run_worker(settings, backend, listeners, False, environ)
             return 0
         return _supervise(settings, backend, listeners, environ, children)
@@ -206,15 +231,34 @@ def _supervise(settings: Settings, backend: tuple[str, int], listeners: list[Lis
     listeners = [
         (host, sock.getsockname()[1], kind) for (host, _, kind), sock in zip(listeners, reserved, strict=True)
     ]
+    metrics_sock = None
+    metrics_dir = None
+    if settings.metrics_listen is not None:
+        host, port = settings.metrics_listen
+        metrics_sock = listen_socket(host, port, reuse_port=False)
+        metrics_sock.listen(64)
+        metrics_dir = tempfile.mkdtemp(prefix="edgeproxy-metrics-")
     workers: set[int] = set()
+    metrics_pid = 0
     stopping = False
+
+    def spawn_metrics() -> None:
+        nonlocal metrics_pid
+        assert metrics_sock is not None and metrics_dir is not None
+        pid = os.fork()
+        if pid == 0:
+            try:
+                metrics.serve_metrics(metrics_sock, metrics_dir, backend)
+            finally:
+                os._exit(0)
+        metrics_pid = pid
 
     def spawn() -> None:
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                run_worker(settings, backend, listeners, True, environ)
+                run_worker(settings, backend, listeners, True, environ, metrics_dir)
             except BaseException:
                 log.exception("worker_crashed")
                 code = 1
@@ -226,9 +270,14 @@ def _supervise(settings: Settings, backend: tuple[str, int], listeners: list[Lis
         nonlocal stopping
         if signum in (signal.SIGTERM, signal.SIGINT):
             stopping = True
-        for pid in workers:
-            _signal(pid, signum)
+        for pid in (*workers, metrics_pid):
+            if pid:
+                _signal(pid, signum)
 
+    if metrics_sock is not None:
+        spawn_metrics()
+        name = metrics_sock.getsockname()
+        log.info("metrics_listening", address=f"{name[0]}:{name[1]}", paths=["/metrics", "/healthz", "/readyz"])
     for _ in range(settings.workers):
         spawn()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -240,6 +289,12 @@ def _supervise(settings: Settings, backend: tuple[str, int], listeners: list[Lis
             break
         except InterruptedError:
             continue
+        if pid == metrics_pid:
+            metrics_pid = 0
+            if not stopping:
+                log.error("metrics_died", pid=pid, status=status, action="restarting")
+                spawn_metrics()
+            continue
         if pid not in workers:
             continue
         workers.discard(pid)
@@ -248,6 +303,12 @@ def _supervise(settings: Settings, backend: tuple[str, int], listeners: list[Lis
             spawn()
     for sock in reserved:
         sock.close()
+    if metrics_pid:
+        _stop_child(metrics_pid)  # (its second signal: the first one marked it draining)
+    if metrics_sock is not None:
+        metrics_sock.close()
+    if metrics_dir is not None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -105,6 +105,32 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def parse_optional_host_port(text: str) -> tuple[str, int] | None:
+    return parse_host_port(text) if text.strip() else None
+
+
+def parse_redis_url(text: str) -> str:
+    """redis:// or rediss:// (TLS) with host and optional port and database, or unix:///path."""
+    from urllib.parse import urlsplit
+
+    text = text.strip()
+    if not text:
+        return ""
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("expected redis://host:port/db, rediss://... or unix:///path")
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError("expected unix:///path/to/redis.sock")
+    if parts.scheme != "unix":
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError("expected a port from 0 to 65535") from None
+        if not parts.hostname or port == 0:
+            raise ValueError("expected redis://host:port/db")
+    return text
+
+
 def parse_listeners(text: str) -> tuple[tuple[str, int], ...]:
     return tuple(parse_host_port(entry) for entry in parse_list(text))
 

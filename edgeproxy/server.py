@@ -11,22 +11,22 @@ never held by a socket that does not drain.
 from __future__ import annotations
 
 import asyncio
-import ssl
-import time
 from typing import TYPE_CHECKING
 
 import structlog
 
 from edgeproxy import log as logsetup
-from edgeproxy.auth import Outcome
+from edgeproxy.admission import Admission
 from edgeproxy.backend import BackendLease
 from edgeproxy.listener import ListenerKind
 from edgeproxy.log import RefusalLog
+from edgeproxy.proxyproto import V2_SIGNATURE, ProxyHeaderReader
 from edgeproxy.reply import Reply
 from edgeproxy.smtp import events as ev
 from edgeproxy.smtp import replies as r
 from edgeproxy.smtp.client import ClientIdentity
 from edgeproxy.smtp.session import SmtpSession
+from edgeproxy.tlsauth import Securing
 
 if TYPE_CHECKING:
     from edgeproxy.worker import ServerState
@@ -34,24 +34,32 @@ if TYPE_CHECKING:
 log = structlog.get_logger("edgeproxy")
 
 
-class ClientProtocol(asyncio.Protocol):
+class ClientProtocol(Admission, Securing, asyncio.Protocol):
     __slots__ = (
+        "_admit_task",
         "_admitted",
         "_auth_task",
         "_backend_writable",
+        "_balancer",
         "_client_writable",
         "_closing",
+        "_early_input",
         "_early_tls_data",
+        "_first_read",
         "_handshaking",
         "_last_progress",
         "_log",
+        "_lost",
+        "_proxy_reader",
         "_reading",
         "_refusals",
         "_resume_scheduled",
+        "_shared_count",
         "_started",
         "_timer",
         "_tls_task",
         "_tls_wanted",
+        "_transaction_started",
         "client",
         "lease",
         "listener",
@@ -72,6 +80,14 @@ class ClientProtocol(asyncio.Protocol):
         self._log: structlog.typing.FilteringBoundLogger | None = None
         self._refusals = RefusalLog()
         self._admitted = False
+        self._admit_task: asyncio.Task[None] | None = None
+        self._proxy_reader: ProxyHeaderReader | None = None  # a load balancer's connection, before its header
+        self._balancer: str | None = None  # the balancer the client came through (PROXY protocol)
+        self._early_input = b""  # what followed the PROXY header, for the session once it opens
+        self._first_read = True
+        self._shared_count = False  # counted in the shared limits: to be released there
+        self._transaction_started = 0.0  # when MAIL went to the backend (for the latency metric)
+        self._lost = False
         self._closing = False
         self._reading = True
         self._backend_writable = True
@@ -88,70 +104,21 @@ class ClientProtocol(asyncio.Protocol):
 
     # -- client side -------------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        try:
-            self._admit(transport)
-        except Exception:
-            self._crash()
-
-    def _admit(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername")
-        self.client = peer[0] if peer else "?"
-        # (TCP_NODELAY, design.md §3: both loops set it on every TCP transport themselves.)
-        state = self.state
-        policy = state.policy
-        self.session_id = state.new_session_id()
-        refusal = policy.check_connect(self.client)
-        if refusal is None and state.draining:
-            self._refuse_connection("shutting_down", r.SHUTTING_DOWN)
-            return
-        if refusal is not None:
-            self._refuse_connection(refusal.rule, refusal.reply)
-            return
-        limit = state.limiter.admit(self.client, time.monotonic())
-        if limit is not None:
-            self._refuse_connection(limit.lower(), policy.replies[limit])
-            return
-        self._admitted = True
-        state.sessions.add(self)
-        grant = policy.relay_grant(self.client, self.listener)
-        self.session = SmtpSession(state.limits, policy, state.capabilities(), self.client, grant, self.session_id,
-                                   listener=self.listener)
-        loop = asyncio.get_running_loop()
-        self._started = self._last_progress = loop.time()
-        self._timer = loop.call_later(state.settings.timeout, self._check_timeouts)
-        if self.listener.implicit_tls:
-            # RFC 8314: the listener's own TLS layer did the handshake before this connection was
-            # handed to us (ServerState.implicit_tls_context); without one, no plaintext at all.
-            ssl_object = transport.get_extra_info("ssl_object")
-            if ssl_object is None:
-                self._finish()
-                return
-            self.session.tls_started(_tls_info(ssl_object))
-        self._schedule_greeting()
-
-    def _schedule_greeting(self) -> None:
-        delay = self.state.settings.greeting_delay
-        if delay > 0:
-            asyncio.get_running_loop().call_later(delay, self._greet)
-        else:
-            self._greet()
-
-    def _refuse_connection(self, rule: str, reply: Reply) -> None:
-        self.log.info("refused", stage="connect", rule=rule, reply=str(reply))
-        self._finish(reply)
-
-    def _greet(self) -> None:
-        if self.session is None or self._closing or self.session.closed:
-            return
-        assert self.transport is not None
-        self.transport.write(self.session.greeting())
-
     def data_received(self, data: bytes) -> None:
         session = self.session
         if session is None or self._closing:
+            if self._proxy_reader is not None and not self._closing:
+                self._proxy_header(data)
             return
+        if self._first_read:
+            self._first_read = False
+            if data.startswith(_PROXY_HEADER_STARTS):
+                # Not from a configured balancer: a PROXY header here is someone claiming to be
+                # another client. Never trusted, never answered as SMTP.
+                self.log.info("refused", stage="proxy", rule="proxy_header_untrusted")
+                self.state.metrics.count(self.state.metrics.refusals, "proxy_header_untrusted")
+                self._finish()
+                return
         if self._handshaking:
             # Only the TLS layer reads now (the raw transport was paused first), so this is the
             # client's first words inside TLS, come before the handshake's coroutine resumed.
@@ -169,6 +136,7 @@ class ClientProtocol(asyncio.Protocol):
             self._crash()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -188,20 +156,28 @@ class ClientProtocol(asyncio.Protocol):
         if self.lease is not None:
             self.lease.close()
             self.lease = None
-        self.state.limiter.release(self.client)
+        if self._shared_count:
+            assert self.state.shared_limits is not None
+            self.state.shared_limits.release(self.client, self.session_id)
+        else:
+            self.state.limiter.release(self.client)
         self.state.sessions.discard(self)
+        seconds = asyncio.get_running_loop().time() - self._started
+        metrics = self.state.metrics
+        metrics.sessions += 1
+        metrics.session_seconds.observe(seconds)
         if logsetup.info_enabled:
-            self._log_session(session)
+            self._log_session(session, seconds)
         if self.state.draining and not self.state.sessions:
             self.state.drained.set()
 
-    def _log_session(self, session: SmtpSession) -> None:
+    def _log_session(self, session: SmtpSession, seconds: float) -> None:
         self._refusals.flush(self.log, session.helo)
         stats = session.stats
         self.log.info(
             "session",
             helo=session.helo,
-            seconds=round(asyncio.get_running_loop().time() - self._started, 3),
+            seconds=round(seconds, 3),
             tls=f"{session.tls.version}/{session.tls.cipher}" if session.tls else None,
             user=session.authenticated_as,
             messages=stats.messages,
@@ -224,6 +200,8 @@ class ClientProtocol(asyncio.Protocol):
         """The connection's logger, bound on first use: most sessions log one line or none."""
         if self._log is None:
             self._log = log.bind(session=self.session_id, client=self.client)
+            if self._balancer is not None:
+                self._log = self._log.bind(via=self._balancer)
         return self._log
 
     # -- backend side (BackendOwner) -----------------------------------------------------------
@@ -272,48 +250,6 @@ class ClientProtocol(asyncio.Protocol):
         self._update_reading()
         self._schedule_resume()
 
-    def _start_tls(self) -> None:
-        context = self.state.tls_context
-        assert context is not None and self.transport is not None
-        # Not one more byte for the session: the next ones are the ClientHello, which must wait
-        # in the socket for the TLS layer (start_tls resumes reading once it owns the transport).
-        self.transport.pause_reading()
-        self._reading = False
-        self._handshaking = True
-        self._tls_task = asyncio.get_running_loop().create_task(self._handshake(self.transport, context))
-
-    async def _handshake(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
-        """The server side of TLS, off the session's path: other sessions run meanwhile, and a
-        failed or stalled handshake costs one log line and this connection only."""
-        loop = asyncio.get_running_loop()
-        try:
-            secured = await loop.start_tls(transport, self, context, server_side=True,
-                                           ssl_handshake_timeout=self.state.settings.tls_handshake_timeout)
-        except (OSError, TimeoutError, ValueError, RuntimeError) as error:  # ssl.SSLError is an OSError
-            if not self._closing:
-                self.log.info("tls_failed", reason=str(error) or type(error).__name__)
-                self._closing = True
-                transport.abort()
-            # asyncio's SSL layer does not pass a loss during the handshake on to us: release the
-            # session's slot here (a second call, where the loop does pass it on, does nothing).
-            self.connection_lost(error if isinstance(error, Exception) else None)
-            return
-        finally:
-            self._handshaking = False
-            self._tls_task = None
-        session = self.session
-        if secured is None or session is None or self._closing:
-            self.connection_lost(None)  # (released once: a second call does nothing)
-            return
-        self.transport = secured  # type: ignore[assignment]
-        self._reading = True
-        self._last_progress = loop.time()
-        session.tls_started(_tls_info(secured.get_extra_info("ssl_object")))
-        early, self._early_tls_data = self._early_tls_data, b""
-        if early:
-            session.receive_data(early)  # said inside TLS before this coroutine resumed
-        self._pump()
-
     def _schedule_resume(self) -> None:
         """More input is waiting behind the pipeline bound: take it on the loop's next turn, so
         one client's backlog never holds up the others."""
@@ -339,6 +275,8 @@ class ClientProtocol(asyncio.Protocol):
             if isinstance(event, ev.BackendSend):
                 self._send_backend(event)
             elif isinstance(event, ev.Refused):
+                metrics = self.state.metrics
+                metrics.count(metrics.refusals, event.rule)
                 if logsetup.info_enabled:
                     self._refusals.add(event, self.log, self.session.helo if self.session else None)
             elif isinstance(event, ev.BackendRelease):
@@ -353,10 +291,18 @@ class ClientProtocol(asyncio.Protocol):
             elif isinstance(event, ev.Authenticate):
                 self._auth_task = asyncio.get_running_loop().create_task(self._authenticate(event))
             elif isinstance(event, ev.TransactionEnded):
+                self._transaction_ended(event)
                 self.log.debug("transaction", delivered=event.delivered, recipients=event.recipients,
                                size=event.size, reply_code=event.reply_code)
         if self.lease is not None:
             self.lease.flush()  # one write for all the commands of this round
+
+    def _transaction_ended(self, event: ev.TransactionEnded) -> None:
+        metrics = self.state.metrics
+        metrics.transaction_ended(event.delivered, event.recipients, event.size, event.reply_code)
+        if self._transaction_started:
+            metrics.backend_seconds.observe(asyncio.get_running_loop().time() - self._transaction_started)
+            self._transaction_started = 0.0
 
     def _send_backend(self, event: ev.BackendSend) -> None:
         lease = self.lease
@@ -368,35 +314,8 @@ class ClientProtocol(asyncio.Protocol):
             assert session is not None
             identity = ClientIdentity(self.client, session.helo, "ESMTP" if session.esmtp else "SMTP",
                                       session.authenticated_as)
+            self._transaction_started = asyncio.get_running_loop().time()
         lease.send(event.command, event.data, identity)
-
-    async def _authenticate(self, event: ev.Authenticate) -> None:
-        """Verify off the session's path: a slow hash or backend holds up this session only."""
-        state = self.state
-        if state.auth_failures.blocked(self.client):
-            self.log.warning("auth_blocked", user=event.username, limit=state.auth_failures.limit)
-            outcome = Outcome(False, r.AUTH_BLOCKED)
-        else:
-            assert state.verifier is not None
-            outcome = await state.verifier.verify(event.username, event.password)
-            if not outcome.ok and outcome.reply.is_permanent:
-                state.auth_failures.add(self.client)
-                # Each failure waits before its answer: guessing gets slow, nobody else waits.
-                await asyncio.sleep(state.settings.auth_failure_delay)
-        self._auth_task = None
-        session = self.session
-        if session is None or self._closing:
-            return
-        self.log.info("auth", user=event.username, mechanism=event.mechanism, ok=outcome.ok,
-                      reply=None if outcome.ok else str(outcome.reply))
-        try:
-            if outcome.ok:
-                session.auth_succeeded(event.username)
-            else:
-                session.auth_failed(outcome.reply)
-            self._pump()
-        except Exception:
-            self._crash()
 
     def _update_reading(self) -> None:
         """Read only while the backend takes what we forward, the client takes its replies, and
@@ -490,7 +409,5 @@ class ClientProtocol(asyncio.Protocol):
             self.transport.abort()
 
 
-def _tls_info(ssl_object: ssl.SSLObject | None) -> ev.TlsInfo:
-    cipher = ssl_object.cipher() if ssl_object is not None else None
-    return ev.TlsInfo(ssl_object.version() or "TLS" if ssl_object is not None else "TLS",
-                      cipher[0] if cipher else "unknown", cipher[2] if cipher else 0)
+_PROXY_HEADER_STARTS = (b"PROXY ", V2_SIGNATURE)
+

@@ -6,16 +6,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import socket
 import ssl
 
 from edgeproxy import tls
 from edgeproxy.auth import BackendVerifier, FailureCounter, FileVerifier, Verifier, read_users
 from edgeproxy.config import Settings
+from edgeproxy.fastpath import CidrSet
 from edgeproxy.limits import ConnectionLimiter
 from edgeproxy.listener import ListenerKind
+from edgeproxy.metrics import WorkerMetrics
 from edgeproxy.policy import Policy
 from edgeproxy.pool import BackendPool
 from edgeproxy.server import ClientProtocol
+from edgeproxy.sharedlimits import SharedLimiter
 from edgeproxy.smtp.capabilities import Capabilities
 from edgeproxy.smtp.session import SessionLimits
 
@@ -50,6 +54,8 @@ class ServerState:
         self.limiter = ConnectionLimiter(
             settings.max_connections, settings.max_connections_per_ip, settings.connection_rate
         )
+        self.shared_limits = _shared_limits(settings, self.limiter)
+        self.proxy_sources = CidrSet(settings.proxy_protocol_from) if settings.proxy_protocol_from else None
         self.pool = BackendPool(
             backend[0],
             backend[1],
@@ -66,12 +72,25 @@ class ServerState:
             tls_context=None if settings.backend_tls == "no" else tls.backend_context(
                 settings.backend_verify, settings.backend_tls_ca),
         )
+        self.metrics = WorkerMetrics()
         self.sessions: set[ClientProtocol] = set()
         self.draining = False
         self.drained = asyncio.Event()
         self._capabilities_for: list[str] | None = None
         self._capabilities = Capabilities.negotiate(settings.max_message_size, None)
         self._id_prefix = f"{os.getpid():x}"
+
+    def metrics_snapshot(self) -> dict[str, object]:
+        shared = self.shared_limits
+        if shared is not None:
+            self.metrics.redis_fallbacks = shared.fallbacks
+        return self.metrics.snapshot({
+            "connections_open": len(self.sessions),
+            "backend_open": self.pool.open_count,
+            "backend_idle": self.pool.idle_count,
+            "redis_up": int(shared is not None and shared.healthy),
+            "workers": 1,
+        })
 
     def implicit_tls_context(self) -> ssl.SSLContext | None:
         """The context an implicit-TLS listener is created with. Its SNI callback (OpenSSL calls it
@@ -113,6 +132,7 @@ class ServerState:
         context = _server_tls(settings)
         verifier = _verifier(settings, self.pool.host_port)
         self.policy = Policy(settings)
+        self.proxy_sources = CidrSet(settings.proxy_protocol_from) if settings.proxy_protocol_from else None
         if context is not None:
             self.tls_context = context
         if isinstance(verifier, FileVerifier):
@@ -131,6 +151,16 @@ class ServerState:
 
     def protocol_factory(self, listener: ListenerKind):
         return lambda: ClientProtocol(self, listener)
+
+
+def _shared_limits(settings: Settings, limiter: ConnectionLimiter) -> SharedLimiter | None:
+    if not settings.redis_url or not (settings.max_connections_per_ip or settings.connection_rate):
+        return None  # (nothing per client to share)
+    # A session cannot outlive its time limit (and a drain): a crashed node's connections leave
+    # the shared count by then.
+    return SharedLimiter(limiter, settings.redis_url, settings.redis_timeout,
+                         holder=f"{socket.gethostname()}:{os.getpid()}",
+                         hold_seconds=settings.session_timeout + settings.drain_timeout)
 
 
 def _verifier(settings: Settings, backend: tuple[str, int]) -> Verifier | None:

@@ -150,6 +150,29 @@ def make_proxy(loop_kind: str) -> Iterator[Callable[..., ProxyThread]]:
         proxy.stop()
 
 
+@pytest.fixture
+def logged_proxy() -> Iterator:
+    """``edgeproxy serve`` in its own process, logging JSON at info level, for the log tests.
+
+    In-process, the suite's logging is configured at ``warning`` (conftest) and structlog caches
+    each logger's level filter on first use, so ``capture_logs`` cannot see the info-level
+    ``refused`` and ``session`` lines; a real process reading its real stderr can."""
+    from tests.test_lifecycle import ServeProcess
+
+    started: list[ServeProcess] = []
+
+    def start(backend: tuple[str, int], **env: str) -> ServeProcess:
+        variables = {f"EDGEPROXY_{k.upper()}": v for k, v in env.items()}
+        process = ServeProcess({"EDGEPROXY_BACKEND": f"{backend[0]}:{backend[1]}", "EDGEPROXY_LOG_LEVEL": "info",
+                                "EDGEPROXY_HOSTNAME": "proxy.test", **variables})
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     """Poll a condition that another thread makes true; bounded."""
     import time

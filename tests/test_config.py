@@ -70,6 +70,11 @@ EXAMPLE_VALUES: dict[str, object] = {
     "RELAY_LISTEN": (("10.0.0.5", 25),),
     "SUBMISSION_LISTEN": (("0.0.0.0", 587),),
     "SUBMISSIONS_LISTEN": (("0.0.0.0", 465),),
+    "PROXY_PROTOCOL_FROM": ("10.0.0.2/32", "10.0.0.3/32"),
+    "PROXY_PROTOCOL_TIMEOUT": 2.0,
+    "REDIS_URL": "redis://10.0.0.20:6379/0",
+    "REDIS_TIMEOUT": 0.02,
+    "METRICS_LISTEN": ("127.0.0.1", 9525),
     "TLS_CERT": MADE_FILE,
     "TLS_KEY": MADE_FILE,
     "TLS_MIN_VERSION": "1.3",
@@ -138,6 +143,11 @@ BAD_VALUES: dict[str, str] = {
     "RELAY_LISTEN": "10.0.0.5:99999",
     "SUBMISSION_LISTEN": "0.0.0.0:99999",
     "SUBMISSIONS_LISTEN": "465",
+    "PROXY_PROTOCOL_FROM": "10.0.0.300/32",
+    "PROXY_PROTOCOL_TIMEOUT": "0",
+    "REDIS_URL": "http://10.0.0.20:6379",
+    "REDIS_TIMEOUT": "0",
+    "METRICS_LISTEN": "9525",
     "TLS_CERT": "/nonexistent/cert.pem",
     "TLS_KEY": "/nonexistent/key.pem",
     "TLS_MIN_VERSION": "1.1",
@@ -661,3 +671,11 @@ def test_held_input_must_fit_the_longest_command_line(tmp_path: Path) -> None:
     users.write_text(USERS, encoding="utf-8")
     with pytest.raises(ConfigError, match=r"longest command line \(12290 octets\)"):
         load(EDGEPROXY_AUTH="file", EDGEPROXY_AUTH_USERS=f"@{users}", EDGEPROXY_MAX_PENDING_INPUT="8192")
+
+
+def test_proxy_protocol_is_refused_with_an_implicit_tls_listener() -> None:
+    # The TLS layer owns the first byte there, where a balancer's header would be.
+    with pytest.raises(ConfigError) as error:
+        load(EDGEPROXY_PROXY_PROTOCOL_FROM="10.0.0.2/32", EDGEPROXY_SUBMISSIONS_LISTEN="127.0.0.1:4650")
+    assert error.value.problems == ["EDGEPROXY_PROXY_PROTOCOL_FROM='10.0.0.2/32': not supported with "
+                                    "EDGEPROXY_SUBMISSIONS_LISTEN (balance 465 without it, or use 587)"]

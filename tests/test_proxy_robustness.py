@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from structlog.testing import capture_logs
@@ -25,7 +24,6 @@ from edgeproxy.refusals import POLICY_DEFAULTS
 from edgeproxy.smtp import replies as r
 from tests.backends import PipeliningSink
 from tests.conftest import wait_for
-from tests.test_lifecycle import ServeProcess
 from tests.test_proxy_attacks import Client, start_message
 from tests.test_proxy_e2e import raw_session, reply_codes
 from tests.test_proxy_faults import delivered_numbers, numbered
@@ -76,27 +74,6 @@ def deliver(client: Client, number: int) -> bytes:
     assert client.command(b"RCPT TO:<u@example.test>\r\n").startswith(b"250")
     assert client.command(b"DATA\r\n").startswith(b"354")
     return client.command(numbered(number) + b".\r\n")
-
-
-@pytest.fixture
-def logged_proxy() -> Iterator:
-    """``edgeproxy serve`` in its own process, logging JSON at info level, for the log tests.
-
-    In-process, the suite's logging is configured at ``warning`` (conftest) and structlog caches
-    each logger's level filter on first use, so ``capture_logs`` cannot see the info-level
-    ``refused`` and ``session`` lines; a real process reading its real stderr can."""
-    started: list[ServeProcess] = []
-
-    def start(backend: tuple[str, int], **env: str) -> ServeProcess:
-        variables = {f"EDGEPROXY_{k.upper()}": v for k, v in env.items()}
-        process = ServeProcess({"EDGEPROXY_BACKEND": f"{backend[0]}:{backend[1]}", "EDGEPROXY_LOG_LEVEL": "info",
-                                "EDGEPROXY_HOSTNAME": "proxy.test", **variables})
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
 
 
 def events(lines: list[dict], name: str) -> list[dict]:
