@@ -87,6 +87,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--baseline", default=None, metavar="PATH",
                         help="also run edgeproxy@baseline: the edgeproxy source checkout at PATH (extension built "
                              "in place), same settings and scenarios")
+    parser.add_argument("--variant", action="append", nargs="+", default=[], metavar="NAME SETTING=VALUE",
+                        help="also run edgeproxy@NAME: the installed edgeproxy with these settings over the "
+                             "bench's (EDGEPROXY_ prefix optional), e.g. --variant metrics "
+                             "METRICS_LISTEN=127.0.0.1:0; repeatable")
     parser.add_argument("--output", default=None, help="directory (default bench-results/<timestamp>)")
     parser.add_argument("--quick", action="store_true", help="a tiny bounded run, for the test suite")
     args = parser.parse_args(argv)
@@ -131,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             print(f"python -m bench: --baseline: {error}", file=sys.stderr)
             return 2
+    for name, *assignments in args.variant:
+        pairs = [assignment.partition("=") for assignment in assignments]
+        if not assignments or any(not sep or not key for key, sep, _ in pairs):
+            print(f"python -m bench: --variant {name}: expected NAME SETTING=VALUE ...", file=sys.stderr)
+            return 2
+        settings = tuple((key if key.startswith("EDGEPROXY_") else f"EDGEPROXY_{key}", value)
+                         for key, _, value in pairs)
+        builds[f"edgeproxy@{name}"] = EdgeproxyBuild(f"edgeproxy@{name}", settings=settings)
     try:
         systems = [describe(build) for build in builds.values()]
     except RuntimeError as error:

@@ -60,10 +60,11 @@ def _ratio(mine: float, other: float) -> float | None:
 def ratios(rows: list[Measurement]) -> list[dict[str, object]]:
     """edgeproxy against every reference of the same scenario and concurrency, the baseline included."""
     out = []
+    variants = sorted({row.system for row in rows if row.system.startswith("edgeproxy@")} - {BASELINE})
     for row in rows:
         if row.system != "edgeproxy":
             continue
-        for reference in REFERENCES:
+        for reference in (*REFERENCES, *variants):
             other = _find(rows, row.scenario, reference, row.concurrency)
             if other is None:
                 continue
@@ -391,12 +392,12 @@ def terminal(rows: list[Measurement], held: list[dict[str, object]], systems: li
         lines.append(f"\n{hold['scenario']} via {hold.get('system', 'edgeproxy')}: {hold['clients']} clients, "
                      f"{hold['rss_per_connection_kb']:.1f} KB RSS each, deliver {hold['unloaded_messages_per_s']:,.0f}"
                      f" → {hold['loaded_messages_per_s']:,.0f} msg/s ({hold['loaded_fraction']:.0%})")
-    baseline = [r for r in ratios(rows) if r["reference"] == BASELINE]
-    if baseline:
-        lines += ["", "edgeproxy / edgeproxy@baseline (same run):"]
+    for other in sorted({str(r["reference"]) for r in ratios(rows) if str(r["reference"]).startswith("edgeproxy@")}):
+        against = [r for r in ratios(rows) if r["reference"] == other]
+        lines += ["", f"edgeproxy / {other} (same run):"]
         lines += [f"  {r['scenario']} c={r['concurrency']}: msg/s {_times(r['messages_ratio'])}, msg/cpu-s "
                   f"{_times(r['messages_per_cpu_ratio'])}, sess/cpu-s {_times(r['per_cpu_ratio'])}, peak RSS "
-                  f"{_times(r['rss_ratio'])}, p99 {_ms(r['p99_difference_ms'])}" for r in baseline]
+                  f"{_times(r['rss_ratio'])}, p99 {_ms(r['p99_difference_ms'])}" for r in against]
     found = problems(rows, held)
     if found:
         lines += ["", "problems:", *(f"  {line}" for line in found)]

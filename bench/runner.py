@@ -247,7 +247,7 @@ def start_system(system: str, sink: SmtpSink, stack: ExitStack, setup: Setup, cl
     if tls and (pair[0] is None or pair[1] is None):  # type: ignore[index]
         raise ValueError("a TLS scenario needs setup.tls_cert and setup.tls_key")
     if is_edgeproxy(system):
-        settings = proxy_settings(clients)
+        settings = proxy_settings(clients) | dict(setup.builds[system].settings)
         if pair is not None:
             settings |= {"EDGEPROXY_TLS_CERT": str(pair[0]), "EDGEPROXY_TLS_KEY": str(pair[1])}
         return stack.enter_context(EdgeproxyServer(sink.address, workers=setup.workers, build=setup.builds[system],

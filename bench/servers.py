@@ -230,6 +230,7 @@ class EdgeproxyBuild:
 
     name: str = "edgeproxy"
     source: Path | None = None
+    settings: tuple[tuple[str, str], ...] = ()  # a variant's EDGEPROXY_* over the bench's own
 
     def __post_init__(self) -> None:
         if self.source is not None and not (self.source / "edgeproxy" / "__main__.py").is_file():

@@ -281,6 +281,9 @@ def serve_metrics(sock: socket.socket, directory: str, backend: tuple[str, int])
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     server = _BoundServer(("", 0), _QuietHandler, bind_and_activate=False)
     server.socket.close()
+    # Blocking, or handle_request's select() would take the socket's 0 s timeout over its own
+    # and spin: the listening socket comes non-blocking from the supervisor.
+    sock.setblocking(True)
     server.socket = sock
     server.server_name, server.server_port = "edgeproxy", sock.getsockname()[1]
     server.setup_environ()

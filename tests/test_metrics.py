@@ -146,3 +146,23 @@ def test_backend_answers_wants_a_220(sink) -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         assert not backend_answers(silent.getsockname())  # accepts, never greets
+
+
+def test_an_idle_node_with_metrics_on_uses_no_cpu(metered) -> None:
+    """Found by the bench: the listening socket came non-blocking from the supervisor, so the
+    metrics process's request loop spun at 100% of a core. Idle, the whole tree barely runs
+    (a spinning loop would burn the whole 2 s)."""
+    import time
+
+    import psutil
+
+    node, _ = metered()
+    tree = [psutil.Process(node.process.pid), *psutil.Process(node.process.pid).children(recursive=True)]
+    assert len(tree) == 3  # supervisor, metrics process, worker
+
+    def used() -> float:
+        return sum(sum(process.cpu_times()[:2]) for process in tree)
+
+    before = used()
+    time.sleep(2)
+    assert used() - before < 0.5
