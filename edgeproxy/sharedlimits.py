@@ -67,7 +67,9 @@ log = structlog.get_logger("edgeproxy")
 TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
 RATE_LIMITED = "RATE_LIMITED"
 
-# KEYS: conn, rate. ARGV: member, max connections, max admissions per window, hold ms, window ms.
+# KEYS: conn, rate. ARGV: member, max connections, max admissions per window, hold ms, window ms,
+# then members of this worker whose connections ended since its last round trip (their releases
+# ride along, so the count is exact for this worker's own clients).
 # Returns 0 (admitted, counted in both sets), 1 (too many connections), 2 (rate limited). A member
 # already present was admitted by an earlier attempt of the same call (see _RETRY): admitted again.
 _ADMIT_SCRIPT = """
@@ -75,6 +77,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local max_conn, max_rate = tonumber(ARGV[2]), tonumber(ARGV[3])
 local hold, window = tonumber(ARGV[4]), tonumber(ARGV[5])
+for i = 6, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZSCORE', KEYS[2], ARGV[1]) then
   return 0
 end
@@ -107,6 +110,9 @@ _TROUBLE = (TimeoutError, RedisError, OSError)
 # rather than let a long outage grow the list without bound.
 _MAX_DEFERRED = 100_000
 _REMOVAL_BATCH = 500
+# Releases wait this long to go to Redis together, in one pipeline: a round trip per release cost
+# as much CPU as the session it ended (a relay refusal); a slot freed 50 ms late costs nobody.
+_RELEASE_DELAY = 0.05
 
 
 class _UnexpectedReply(RedisError):
@@ -139,6 +145,8 @@ class SharedLimiter:
         self._tasks: set[asyncio.Task[None]] = set()
         # (client, member, whether the rate entry goes too): removals waiting for Redis's return.
         self._deferred: list[tuple[str, str, bool]] = []
+        self._releases: dict[str, list[str]] = {}  # client -> members released, for the next trip
+        self._release_timer: asyncio.TimerHandle | None = None
         self._retry_at = 0.0
         self._trying = False
         self._down_since = 0.0
@@ -159,15 +167,20 @@ class SharedLimiter:
                 return self._fall_back(client, connection_id, now)
             self._trying = True
         member = self._member(connection_id)
+        released = self._releases.pop(client, [])
         try:
-            verdict = await self._ask(client, member)
+            verdict = await self._ask(client, member, released)
         except _TROUBLE as error:
             # The call may still run in Redis (a timed-out one, once Redis wakes up): remove it then.
             self._defer(client, member, admission=True)
+            for gone in released:
+                self._defer(client, gone, admission=False)
             self._went_wrong(error, trial)
             return self._fall_back(client, connection_id, now)
         except asyncio.CancelledError:
             self._forget(client, member, admission=True)
+            for gone in released:
+                self._forget(client, gone, admission=False)
             raise
         finally:
             if trial:
@@ -195,7 +208,9 @@ class SharedLimiter:
             self._forget(client, self._member(connection_id), admission=False)
 
     async def settle(self) -> None:
-        """Wait for the removals already scheduled (each bounded by the timeout)."""
+        """Send the gathered releases now and wait for every removal scheduled (each bounded by
+        the timeout)."""
+        self._send_releases()
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -218,10 +233,10 @@ class SharedLimiter:
         self.fallbacks += 1
         return self._admit_locally(client, connection_id, now)
 
-    async def _ask(self, client: str, member: str) -> str | None:
+    async def _ask(self, client: str, member: str, released: list[str]) -> str | None:
         local = self.local
         keys_and_args = (self._key("conn", client), self._key("rate", client), member, local.max_per_ip,
-                         local.rate_per_minute, self._hold_ms, self._window_ms)
+                         local.rate_per_minute, self._hold_ms, self._window_ms, *released)
         async with asyncio.timeout(self._timeout):
             try:
                 code = await self._redis.evalsha(self._sha, 2, *keys_and_args)
@@ -265,7 +280,25 @@ class SharedLimiter:
         if not self.healthy:
             self._defer(client, member, admission=admission)
             return
-        self._spawn(self._remove([(client, member, admission)]))
+        if admission:
+            self._spawn(self._remove([(client, member, True)]))  # (an undone admission: rare)
+            return
+        self._releases.setdefault(client, []).append(member)
+        if self._release_timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop (shutting down): the entry expires by itself
+            self._release_timer = loop.call_later(_RELEASE_DELAY, self._send_releases)
+
+    def _send_releases(self) -> None:
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
+        releases = [(client, member, False) for client, members in self._releases.items() for member in members]
+        self._releases = {}
+        for start in range(0, len(releases), _REMOVAL_BATCH):
+            self._spawn(self._remove(releases[start:start + _REMOVAL_BATCH]))
 
     def _defer(self, client: str, member: str, *, admission: bool) -> None:
         if len(self._deferred) < _MAX_DEFERRED:
