@@ -72,7 +72,8 @@ def _listeners(settings: Settings) -> list[Listener]:
 
 
 async def serve(settings: Settings, backend: tuple[str, int], listeners: list[Listener],
-                reuse_port: bool, environ: Mapping[str, str], metrics_dir: str | None = None) -> None:
+                reuse_port: bool, environ: Mapping[str, str], metrics_dir: str | None = None,
+                supervisor: int | None = None) -> None:
     loop = asyncio.get_running_loop()
     state = ServerState(settings, backend)
     await state.pool.probe()
@@ -112,6 +113,17 @@ async def serve(settings: Settings, backend: tuple[str, int], listeners: list[Li
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop_signal)
+    if supervisor is not None:
+        # A supervisor killed outright (SIGKILL, the OOM killer) forwards no signal: a worker
+        # that outlived it would serve on, unsupervised and unseen. It drains instead.
+        def watch_supervisor() -> None:
+            if os.getppid() != supervisor:
+                log.warning("supervisor_gone", action="draining")
+                stopping.set()
+            elif not stopping.is_set():
+                loop.call_later(1.0, watch_supervisor)
+
+        watch_supervisor()
     loop.add_signal_handler(signal.SIGHUP, on_reload)
     await stopping.wait()
     log.info("draining", sessions=len(state.sessions), deadline=settings.drain_timeout)
@@ -155,8 +167,9 @@ def _report_metrics(state: ServerState, directory: str) -> Callable[[], None]:
 
 
 def run_worker(settings: Settings, backend: tuple[str, int], listeners: list[Listener],
-               reuse_port: bool, environ: Mapping[str, str], metrics_dir: str | None = None) -> None:
-    coroutine = serve(settings, backend, listeners, reuse_port, environ, metrics_dir)
+               reuse_port: bool, environ: Mapping[str, str], metrics_dir: str | None = None,
+               supervisor: int | None = None) -> None:
+    coroutine = serve(settings, backend, listeners, reuse_port, environ, metrics_dir, supervisor)
     if settings.loop == "uvloop":
         import uvloop
 
@@ -239,6 +252,7 @@ def _supervise(settings: Settings, backend: tuple[str, int], listeners: list[Lis
         metrics_sock.listen(64)
         metrics_dir = tempfile.mkdtemp(prefix="edgeproxy-metrics-")
     workers: set[int] = set()
+    supervisor = os.getpid()
     metrics_pid = 0
     stopping = False
 
@@ -248,7 +262,7 @@ def _supervise(settings: Settings, backend: tuple[str, int], listeners: list[Lis
         pid = os.fork()
         if pid == 0:
             try:
-                metrics.serve_metrics(metrics_sock, metrics_dir, backend)
+                metrics.serve_metrics(metrics_sock, metrics_dir, backend, supervisor)
             finally:
                 os._exit(0)
         metrics_pid = pid
@@ -258,7 +272,7 @@ def _supervise(settings: Settings, backend: tuple[str, int], listeners: list[Lis
         if pid == 0:
             code = 0
             try:
-                run_worker(settings, backend, listeners, True, environ, metrics_dir)
+                run_worker(settings, backend, listeners, True, environ, metrics_dir, supervisor)
             except BaseException:
                 log.exception("worker_crashed")
                 code = 1

@@ -264,9 +264,10 @@ class _QuietHandler(WSGIRequestHandler):
         pass  # a scrape every few seconds is not news
 
 
-def serve_metrics(sock: socket.socket, directory: str, backend: tuple[str, int]) -> None:
+def serve_metrics(sock: socket.socket, directory: str, backend: tuple[str, int], parent: int) -> None:
     """The metrics process: serve until a second SIGTERM/SIGINT (the first one marks draining,
-    so balancers see /readyz fail while the workers finish their sessions)."""
+    so balancers see /readyz fail while the workers finish their sessions), or until the
+    supervisor is gone (killed: nobody would stop this process otherwise)."""
     health = Health(directory, backend)
     stopping = False
 
@@ -289,7 +290,7 @@ def serve_metrics(sock: socket.socket, directory: str, backend: tuple[str, int])
     server.setup_environ()
     server.set_app(wsgi_app(directory, health))
     server.timeout = 0.5  # (handle_request returns then, so a signal is seen within it)
-    while not stopping:
+    while not stopping and os.getppid() == parent:
         server.handle_request()
     server.server_close()
 

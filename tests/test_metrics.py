@@ -166,3 +166,17 @@ def test_an_idle_node_with_metrics_on_uses_no_cpu(metered) -> None:
     before = used()
     time.sleep(2)
     assert used() - before < 0.5
+
+
+def test_workers_and_the_metrics_process_end_when_the_supervisor_is_killed(metered) -> None:
+    """SIGKILL (the OOM killer) forwards nothing: the workers drain and the metrics process
+    exits on their own, instead of serving on unsupervised (found as orphans after test runs)."""
+    import psutil
+
+    node, _ = metered(workers="2")
+    children = psutil.Process(node.process.pid).children(recursive=True)
+    assert len(children) == 3
+    node.process.kill()
+    node.process.wait(10)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [child.pid for child in alive]
