@@ -8,6 +8,7 @@ disagree. ``from_env`` is pure (it reads the mapping it is given, and list files
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -331,7 +332,7 @@ class Settings:
             problems.append(f"{PREFIX}AUTH_USERS={environ.get(PREFIX + 'AUTH_USERS', '')!r}: needed with "
                             f"{PREFIX}AUTH=file")
         for name in sorted(set(environ) - set(_BY_ENV)):
-            if name.startswith(PREFIX):
+            if name.startswith(PREFIX) and not _SERVICE_LINK.fullmatch(name):
                 problems.append(f"{name}={environ[name]!r}: unknown variable (misspelt?)")
         if problems:
             raise ConfigError(problems)
@@ -359,6 +360,12 @@ class Settings:
             value = getattr(self, variable.attribute)
             rows.append((variable.env, "<redacted>" if variable.secret and value else _show(value)))
         return rows
+
+
+# What Kubernetes puts in a pod's environment for a Service named "edgeproxy" (service links):
+# not ours, not misspelt, so not a reason to refuse to start.
+_SERVICE_LINK = re.compile(
+    rf"{PREFIX}(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)")
 
 
 def _tls_problems(values: dict[str, Any], environ: Mapping[str, str]) -> list[str]:

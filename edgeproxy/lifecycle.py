@@ -318,7 +318,11 @@ def _supervise(settings: Settings, backend: tuple[str, int], listeners: list[Lis
     for sock in reserved:
         sock.close()
     if metrics_pid:
-        _stop_child(metrics_pid)  # (its second signal: the first one marked it draining)
+        # SIGKILL, not a second SIGTERM: two signals close together can arrive as one, and it
+        # has nothing to save.
+        _signal(metrics_pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(metrics_pid, 0)
     if metrics_sock is not None:
         metrics_sock.close()
     if metrics_dir is not None:

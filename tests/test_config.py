@@ -679,3 +679,15 @@ def test_proxy_protocol_is_refused_with_an_implicit_tls_listener() -> None:
         load(EDGEPROXY_PROXY_PROTOCOL_FROM="10.0.0.2/32", EDGEPROXY_SUBMISSIONS_LISTEN="127.0.0.1:4650")
     assert error.value.problems == ["EDGEPROXY_PROXY_PROTOCOL_FROM='10.0.0.2/32': not supported with "
                                     "EDGEPROXY_SUBMISSIONS_LISTEN (balance 465 without it, or use 587)"]
+
+
+def test_kubernetes_service_links_for_a_service_named_edgeproxy_are_not_refused() -> None:
+    # A Service "edgeproxy" makes Kubernetes inject these into every pod of the namespace.
+    links = {"EDGEPROXY_SERVICE_HOST": "10.96.0.10", "EDGEPROXY_SERVICE_PORT": "25",
+             "EDGEPROXY_SERVICE_PORT_SMTP": "25", "EDGEPROXY_PORT": "tcp://10.96.0.10:25",
+             "EDGEPROXY_PORT_25_TCP": "tcp://10.96.0.10:25", "EDGEPROXY_PORT_25_TCP_PROTO": "tcp",
+             "EDGEPROXY_PORT_25_TCP_PORT": "25", "EDGEPROXY_PORT_25_TCP_ADDR": "10.96.0.10"}
+    load(**links)
+    with pytest.raises(ConfigError) as error:
+        load(EDGEPROXY_PORTS="25", **links)  # a real misspelling is still one
+    assert error.value.problems == ["EDGEPROXY_PORTS='25': unknown variable (misspelt?)"]
