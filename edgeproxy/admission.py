@@ -41,7 +41,7 @@ class Admission:
                 # A load balancer: the client is whoever its PROXY header names, so nothing is
                 # decided (and nothing said) before that header is read, within its time limit.
                 self._proxy_reader = ProxyHeaderReader()
-                self._timer = asyncio.get_running_loop().call_later(
+                self._timer = self.state.loop.call_later(
                     state.settings.proxy_protocol_timeout, self._proxy_header_missing)
                 return
             self._admit()
@@ -95,7 +95,7 @@ class Admission:
             # One Redis round trip decides (within REDIS_TIMEOUT); the client waits unread.
             transport.pause_reading()
             self._reading = False
-            self._admit_task = asyncio.get_running_loop().create_task(self._admit_shared())
+            self._admit_task = self.state.loop.create_task(self._admit_shared())
             return
         limit = state.limiter.admit(self.client, time.monotonic())
         if limit is not None:
@@ -139,7 +139,7 @@ class Admission:
         grant = policy.relay_grant(self.client, self.listener)
         self.session = SmtpSession(state.limits, policy, state.capabilities(), self.client, grant, self.session_id,
                                    listener=self.listener)
-        loop = asyncio.get_running_loop()
+        loop = self.state.loop
         self._started = self._last_progress = loop.time()
         self._timer = loop.call_later(state.settings.timeout, self._check_timeouts)
         if self.listener.implicit_tls:
@@ -160,7 +160,7 @@ class Admission:
     def _schedule_greeting(self: ClientProtocol) -> None:
         delay = self.state.settings.greeting_delay
         if delay > 0:
-            asyncio.get_running_loop().call_later(delay, self._greet)
+            self.state.loop.call_later(delay, self._greet)
         else:
             self._greet()
 

@@ -171,7 +171,7 @@ class BackendConnection(asyncio.Protocol):
         else:
             # RFC 5321 §4.5.3.2.6: the reply to the end of data may take 10 minutes.
             seconds = pool.reply_timeout * (2 if due is Command.END else 1)
-        self._timer = asyncio.get_running_loop().call_later(seconds, self._fail, "backend timeout")
+        self._timer = self._pool.loop.call_later(seconds, self._fail, "backend timeout")
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -273,7 +273,7 @@ class BackendLease:
     # -- the pool's and the connection's interface ----------------------------------------------
 
     def wait(self, seconds: float) -> None:
-        self._wait_timer = asyncio.get_running_loop().call_later(seconds, self.pool.give_up, self)
+        self._wait_timer = self.pool.loop.call_later(seconds, self.pool.give_up, self)
 
     def attach(self, connection: BackendConnection, reused: bool) -> None:
         self._stop_waiting()
@@ -294,7 +294,7 @@ class BackendLease:
             return
         self._failing = True
         # Told on the next turn of the loop, never from inside the session's own event handling.
-        asyncio.get_running_loop().call_soon(self._tell_failed, reply)
+        self.pool.loop.call_soon(self._tell_failed, reply)
 
     def connection_lost(self, connection: BackendConnection) -> None:
         self.connection = None

@@ -39,6 +39,7 @@ class BackendPool:
         tls_mode: str = "no",
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
+        self.loop = asyncio.get_running_loop()  # (kept: each asking is a getpid() call)
         self.host = host
         self.port = port
         self.address = f"{host}:{port}"
@@ -102,7 +103,7 @@ class BackendPool:
         connection.idle_since = time.monotonic()
         self._idle.append(connection)
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(self.idle_timeout / 2, self._sweep)
+            self._sweeper = self.loop.call_later(self.idle_timeout / 2, self._sweep)
 
     def forget(self, connection: BackendConnection, reason: str = "") -> None:
         """``connection`` is closed: its place in the budget is free."""
@@ -142,7 +143,7 @@ class BackendPool:
 
     async def probe(self) -> bool:
         """Open one connection to learn the backend's EHLO; True when it answered."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bool] = self.loop.create_future()
         self._ready_waiters.append(future)
         self._open_connection()
         try:
@@ -167,13 +168,13 @@ class BackendPool:
         self._open.add(connection)
         if self._down_since is not None:
             self._trial = connection
-        task = asyncio.get_running_loop().create_task(self._connect(connection))
+        task = self.loop.create_task(self._connect(connection))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return connection
 
     async def _connect(self, connection: BackendConnection) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         try:
             await asyncio.wait_for(loop.create_connection(lambda: connection, self.host, self.port),
                                    self.connect_timeout)
@@ -214,4 +215,4 @@ class BackendPool:
         for connection in [c for c in self._idle if c.idle_since < deadline]:
             connection.close_idle()
         if self._idle:
-            self._sweeper = asyncio.get_running_loop().call_later(self.idle_timeout / 2, self._sweep)
+            self._sweeper = self.loop.call_later(self.idle_timeout / 2, self._sweep)

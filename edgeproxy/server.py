@@ -130,7 +130,7 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
             if session.progress != progress:
                 # Only a complete command or body chunk counts as life: a client trickling a
                 # byte at a time must still finish a line within the timeout.
-                self._last_progress = asyncio.get_running_loop().time()
+                self._last_progress = self.state.loop.time()
             self._pump()
         except Exception:
             self._crash()
@@ -162,7 +162,7 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
         else:
             self.state.limiter.release(self.client)
         self.state.sessions.discard(self)
-        seconds = asyncio.get_running_loop().time() - self._started
+        seconds = self.state.loop.time() - self._started
         metrics = self.state.metrics
         metrics.sessions += 1
         metrics.session_seconds.observe(seconds)
@@ -257,7 +257,7 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
         if (session is not None and not self._resume_scheduled and not self._closing and self._client_writable
                 and session.can_resume):
             self._resume_scheduled = True
-            asyncio.get_running_loop().call_soon(self._resume)
+            self.state.loop.call_soon(self._resume)
 
     def _resume(self) -> None:
         self._resume_scheduled = False
@@ -271,9 +271,11 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
             self._crash()
 
     def _handle_events(self, events: list[ev.Event]) -> None:
+        sent = False
         for event in events:
             if isinstance(event, ev.BackendSend):
                 self._send_backend(event)
+                sent = True
             elif isinstance(event, ev.Refused):
                 metrics = self.state.metrics
                 metrics.count(metrics.refusals, event.rule)
@@ -289,19 +291,21 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
             elif isinstance(event, ev.StartTls):
                 self._tls_wanted = True
             elif isinstance(event, ev.Authenticate):
-                self._auth_task = asyncio.get_running_loop().create_task(self._authenticate(event))
+                self._auth_task = self.state.loop.create_task(self._authenticate(event))
             elif isinstance(event, ev.TransactionEnded):
                 self._transaction_ended(event)
                 self.log.debug("transaction", delivered=event.delivered, recipients=event.recipients,
                                size=event.size, reply_code=event.reply_code)
-        if self.lease is not None:
-            self.lease.flush()  # one write for all the commands of this round
+        if sent and self.lease is not None:
+            # One write for all the commands of this round. (Commands held back until a backend
+            # reply, at an RFC 2920 sync point, are written by the backend connection then.)
+            self.lease.flush()
 
     def _transaction_ended(self, event: ev.TransactionEnded) -> None:
         metrics = self.state.metrics
         metrics.transaction_ended(event.delivered, event.recipients, event.size, event.reply_code)
         if self._transaction_started:
-            metrics.backend_seconds.observe(asyncio.get_running_loop().time() - self._transaction_started)
+            metrics.backend_seconds.observe(self.state.loop.time() - self._transaction_started)
             self._transaction_started = 0.0
 
     def _send_backend(self, event: ev.BackendSend) -> None:
@@ -314,7 +318,7 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
             assert session is not None
             identity = ClientIdentity(self.client, session.helo, "ESMTP" if session.esmtp else "SMTP",
                                       session.authenticated_as)
-            self._transaction_started = asyncio.get_running_loop().time()
+            self._transaction_started = self.state.loop.time()
         lease.send(event.command, event.data, identity)
 
     def _update_reading(self) -> None:
@@ -341,10 +345,10 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
             return
         if self._handshaking:
             # The handshake has its own limit, and a reply now would go out in plaintext.
-            self._timer = asyncio.get_running_loop().call_later(1.0, self._check_timeouts)
+            self._timer = self.state.loop.call_later(1.0, self._check_timeouts)
             return
         settings = self.state.settings
-        now = asyncio.get_running_loop().time()
+        now = self.state.loop.time()
         if now - self._started >= settings.session_timeout:
             self._time_out(r.SESSION_TIMEOUT, now - self._started)
             return
@@ -356,7 +360,7 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
             return
         wait = max(timeout - idle, 1.0) if session.output_complete else timeout
         wait = min(wait, max(settings.session_timeout - (now - self._started), 0.1))
-        self._timer = asyncio.get_running_loop().call_later(wait, self._check_timeouts)
+        self._timer = self.state.loop.call_later(wait, self._check_timeouts)
 
     def _time_out(self, reply: Reply, seconds: float) -> None:
         session = self.session
@@ -384,7 +388,7 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
             return
         transport.close()
         if transport.get_write_buffer_size():
-            loop = asyncio.get_running_loop()
+            loop = self.state.loop
             self._timer = loop.call_later(self.state.settings.timeout, transport.abort)
 
     def _crash(self) -> None:

@@ -30,12 +30,12 @@ class Securing:
         self.transport.pause_reading()
         self._reading = False
         self._handshaking = True
-        self._tls_task = asyncio.get_running_loop().create_task(self._handshake(self.transport, context))
+        self._tls_task = self.state.loop.create_task(self._handshake(self.transport, context))
 
     async def _handshake(self: ClientProtocol, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
         """The server side of TLS, off the session's path: other sessions run meanwhile, and a
         failed or stalled handshake costs one log line and this connection only."""
-        loop = asyncio.get_running_loop()
+        loop = self.state.loop
         try:
             secured = await loop.start_tls(transport, self, context, server_side=True,
                                            ssl_handshake_timeout=self.state.settings.tls_handshake_timeout)

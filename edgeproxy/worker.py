@@ -30,6 +30,9 @@ class ServerState:
     """What every connection of one worker shares. ``policy`` is swapped whole on reload."""
 
     def __init__(self, settings: Settings, backend: tuple[str, int]) -> None:
+        # Kept, not asked for: in CPython 3.11 each asyncio.get_running_loop() is a getpid()
+        # system call (its fork check), and the hot path wanted it a dozen times per message.
+        self.loop = asyncio.get_running_loop()
         self.settings = settings
         self.policy = Policy(settings)
         self.tls_context = _server_tls(settings)
