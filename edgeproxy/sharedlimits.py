@@ -152,6 +152,7 @@ class SharedLimiter:
         self._down_since = 0.0
         self._fallbacks_before = 0
         self._closed = False
+        self._auth_failure_serial = 0
 
     async def admit(self, client: str, connection_id: str, now: float) -> str | None:
         """Count the connection in and return None, or the name of the limit it hits. ``now`` is the
@@ -196,6 +197,45 @@ class SharedLimiter:
             return refusal
         self._held[connection_id] = bool(local.max_per_ip)
         return None
+
+    # -- AUTH failures ------------------------------------------------------------------------
+
+    async def auth_failures(self, client: str, window: float) -> int | None:
+        """The client's AUTH failures within ``window`` seconds on every node, or None when Redis
+        cannot say now (the caller counts alone then). One round trip, within the timeout; an
+        outage is the admissions' to notice and log."""
+        if not self.healthy or self._closed:
+            return None
+        key = self._key("authfail", client)
+        now_ms = round(time.time() * 1000)
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.zremrangebyscore(key, "-inf", now_ms - round(window * 1000))
+                    pipe.zcard(key)
+                    _, count = await pipe.execute()
+        except _TROUBLE:
+            return None
+        return int(count)
+
+    def auth_failed(self, client: str, window: float) -> None:
+        """Count one AUTH failure for every node to see (soon, never waiting); the key expires
+        with the window. Lost while Redis is unwell: each node still counts its own."""
+        if not self.healthy or self._closed:
+            return
+        self._auth_failure_serial += 1
+        member = f"{self._holder}/{self._auth_failure_serial}"
+        self._spawn(self._add_auth_failure(self._key("authfail", client), member, round(window * 1000)))
+
+    async def _add_auth_failure(self, key: str, member: str, window_ms: int) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.zadd(key, {member: round(time.time() * 1000)})
+                    pipe.pexpire(key, window_ms)
+                    await pipe.execute()
+        except _TROUBLE:
+            pass
 
     def release(self, client: str, connection_id: str) -> None:
         """Count the connection out, here at once and in Redis soon (if Redis admitted it). A second

@@ -9,7 +9,7 @@ import asyncio
 import ssl
 from typing import TYPE_CHECKING
 
-from edgeproxy.auth import Outcome
+from edgeproxy.auth import FAILURE_WINDOW, Outcome
 from edgeproxy.smtp import events as ev
 from edgeproxy.smtp import replies as r
 
@@ -69,7 +69,11 @@ class Securing:
     async def _authenticate(self: ClientProtocol, event: ev.Authenticate) -> None:
         """Verify off the session's path: a slow hash or backend holds up this session only."""
         state = self.state
-        if state.auth_failures.blocked(self.client):
+        shared = state.shared_limits
+        # Counted on every node through Redis when it can say, else by this worker alone.
+        failures = await shared.auth_failures(self.client, FAILURE_WINDOW) if shared is not None else None
+        if state.auth_failures.blocked(self.client) or (failures is not None
+                                                         and failures >= state.auth_failures.limit):
             self.log.warning("auth_blocked", user=event.username, limit=state.auth_failures.limit)
             outcome = Outcome(False, r.AUTH_BLOCKED)
         else:
@@ -77,6 +81,8 @@ class Securing:
             outcome = await state.verifier.verify(event.username, event.password)
             if not outcome.ok and outcome.reply.is_permanent:
                 state.auth_failures.add(self.client)
+                if shared is not None:
+                    shared.auth_failed(self.client, FAILURE_WINDOW)
                 # Each failure waits before its answer: guessing gets slow, nobody else waits.
                 await asyncio.sleep(state.settings.auth_failure_delay)
         self._auth_task = None

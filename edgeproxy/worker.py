@@ -157,7 +157,8 @@ class ServerState:
 
 
 def _shared_limits(settings: Settings, limiter: ConnectionLimiter) -> SharedLimiter | None:
-    if not settings.redis_url or not (settings.max_connections_per_ip or settings.connection_rate):
+    if not settings.redis_url or not (settings.max_connections_per_ip or settings.connection_rate
+                                      or settings.auth != "off"):
         return None  # (nothing per client to share)
     # A session cannot outlive its time limit (and a drain): a crashed node's connections leave
     # the shared count by then.

@@ -116,3 +116,37 @@ def test_redis_killed_and_restarted_under_load_costs_no_session_and_no_message(n
     assert node.count("redis_down") == 1
     refused = [line for line in node.lines if line.get("event") == "refused"]
     assert refused == []
+
+
+def test_auth_failures_are_counted_across_two_nodes(nodes, redis_server, tmp_path) -> None:
+    """AUTH_FAILURE_LIMIT=2: two wrong passwords on one node, and the other node refuses the
+    client's next attempt (454 4.7.0) before checking it, where alone it would have checked it."""
+    import ssl
+
+    from edgeproxy.auth import hash_password
+    from edgeproxy.smtp import replies as r
+    from edgeproxy.tls import make_self_signed
+
+    cert, key = make_self_signed("proxy.test", str(tmp_path))
+    users = tmp_path / "users"
+    users.write_text(f"alice:{hash_password('right-Password-1')}\n", encoding="utf-8")
+    settings = {"tls_cert": cert, "tls_key": key, "auth": "file", "auth_users": str(users),
+                "auth_failure_limit": "2", "auth_failure_delay": "0", "redis_url": redis_server.url}
+    first, second = nodes(**settings), nodes(**settings)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+
+    def login(port: int, password: str) -> int:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.starttls(context=context)
+            client.ehlo()
+            client.user, client.password = "alice", password
+            try:  # one mechanism: login() would try the next one after a 535, a second failure
+                client.auth("PLAIN", client.auth_plain)
+            except smtplib.SMTPResponseException as error:
+                return error.smtp_code
+            return 235
+
+    assert login(first.port, "wrong-1") == 535
+    assert login(first.port, "wrong-2") == 535
+    assert wait_for(lambda: login(second.port, "right-Password-1") == r.AUTH_BLOCKED.code, 5)
