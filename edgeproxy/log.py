@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import TYPE_CHECKING, Any, TextIO
 
+import orjson
 import structlog
 
 if TYPE_CHECKING:
@@ -39,22 +41,61 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     processors: list[Any] = [
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _timestamp,
         structlog.processors.format_exc_info,
     ]
+    # One write per line either way: workers share stderr, and a line written in two parts can
+    # be cut in half by another worker's line.
+    factory: Any
     if use_console:
         # Colours only for a terminal: escape sequences in a file or pipe are noise to its reader.
         processors += [_escape_control_characters, structlog.dev.ConsoleRenderer(colors=stream.isatty())]
+        factory = structlog.WriteLoggerFactory(stream)
+    elif hasattr(stream, "buffer"):
+        # orjson straight to the byte stream: the JSON encoding was a third of a line's cost.
+        processors.append(structlog.processors.JSONRenderer(serializer=_orjson_bytes))
+        factory = structlog.BytesLoggerFactory(stream.buffer)
     else:
-        processors.append(structlog.processors.JSONRenderer())
+        processors.append(structlog.processors.JSONRenderer(serializer=_orjson_text))
+        factory = structlog.WriteLoggerFactory(stream)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        # One write per line: workers share stderr, and a line written in two parts can be cut
-        # in half by another worker's line.
-        logger_factory=structlog.WriteLoggerFactory(stream),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+
+
+def _orjson_bytes(event: dict[str, Any], **_: Any) -> bytes:
+    return orjson.dumps(event, default=str)
+
+
+def _orjson_text(event: dict[str, Any], **_: Any) -> str:
+    return orjson.dumps(event, default=str).decode()
+
+
+class _Second:
+    """The formatted date and time of the current second: made once a second, not per line."""
+
+    __slots__ = ("text", "value")
+
+    def __init__(self) -> None:
+        self.value = -1
+        self.text = ""
+
+
+_second = _Second()
+
+
+def _timestamp(_logger: object, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """ISO 8601 UTC with microseconds, as structlog's TimeStamper(fmt="iso", utc=True) writes it."""
+    now = time.time()
+    second = int(now)
+    if second != _second.value:
+        _second.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second.value = second
+    event["timestamp"] = f"{_second.text}.{int((now - second) * 1_000_000):06d}Z"
+    return event
 
 
 class RefusalLog:

@@ -560,6 +560,31 @@ def test_console_log_written_to_a_non_terminal_has_no_escape_byte() -> None:
     assert b"\x1b" not in output, output
 
 
+def json_log_of(value: str) -> bytes:
+    script = (
+        "import sys, structlog\n"
+        "from edgeproxy import log\n"
+        "log.configure('info', 'json')\n"
+        "structlog.get_logger('edgeproxy').info('refused', helo=sys.argv[1], rule='test', path=log)\n"
+    )
+    return subprocess.run([sys.executable, "-c", script, value], capture_output=True, timeout=30,
+                          check=True).stderr
+
+
+def test_json_log_escapes_control_characters_and_keeps_every_field() -> None:
+    """The JSON lines (orjson, straight to stderr's bytes): control characters escaped, any
+    value that is not JSON written as its text, the timestamp ISO 8601 UTC with microseconds."""
+    import re
+
+    output = json_log_of("\x1b[31mRED\x1b[0m\x07 caf\u00e9")
+    assert output.count(b"\n") == 1 and b"\x1b" not in output and b"\x07" not in output
+    line = json.loads(output)
+    assert line["helo"] == "\x1b[31mRED\x1b[0m\x07 caf\u00e9"  # all there, once decoded
+    assert (line["event"], line["rule"], line["level"]) == ("refused", "test", "info")
+    assert line["path"].startswith("<module 'edgeproxy.log'")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line["timestamp"]), line["timestamp"]
+
+
 # -- 9. a pooled connection that died while idle -------------------------------------------------
 
 
