@@ -108,8 +108,7 @@ class SmtpSession(SessionCommands):
         self._expected: deque[tuple[Command, Slot | None]] = deque()
         self._ending: deque[tuple[int, int]] = deque()  # (recipients, size) awaiting END replies
         self._txn = Transaction()
-        # The backend's refusal of the MAIL now being answered, which its RCPTs inherit.
-        self._backend_mail_refusal: bytes | None = None
+        self._backend_mail_refusal: bytes | None = None  # the backend's MAIL refusal its RCPTs inherit
         self._backend_failure = r.BACKEND_UNAVAILABLE  # what a broken transaction answers
 
     # -- the I/O layer's interface ---------------------------------------------------------
@@ -218,10 +217,8 @@ class SmtpSession(SessionCommands):
 
     @property
     def wants_input(self) -> bool:
-        """False when the I/O layer should stop reading: the client is ahead of us by more than
-        we hold for it, whatever the reason its replies are pending; and once the session is
-        closed, while its last reply waits behind a backend's: nothing more would be interpreted,
-        and reading on would take (and drop) whatever the client keeps sending."""
+        """False when the I/O layer should stop reading: the client is ahead by more than we hold
+        for it, or the session is closed (last reply held behind a backend's): nothing to read for."""
         return self.state is not State.CLOSED and len(self._input) < self.limits.max_pending_input
 
     @property
@@ -476,8 +473,7 @@ class SmtpSession(SessionCommands):
             self._transaction_ended(False, reply.code, txn.recipients, scanner.size)
         if self.state is State.BODY:
             self.state = State.READY
-        if self._txn.mail is not None:  # (an untouched one serves on: nothing is set before MAIL)
-            self._txn = Transaction()
+        self._txn = Transaction()
         self._release_backend_if_done()
 
     # -- transactions --------------------------------------------------------------------------
@@ -490,7 +486,7 @@ class SmtpSession(SessionCommands):
         """RSET, HELO or EHLO: the backend forgets the transaction too."""
         if self._txn.forwarded:
             self._send(Command.RSET, b"RSET\r\n")
-        if self._txn.mail is not None:
+        if self._txn.mail is not None:  # (an untouched one serves on: nothing is set before MAIL)
             self._txn = Transaction()
 
     def _release_backend_if_done(self) -> None:
