@@ -37,7 +37,8 @@ class Admission:
             peer = transport.get_extra_info("peername")
             self.client = peer[0] if peer else "?"
             state = self.state
-            if state.proxy_sources is not None and self.client in state.proxy_sources:
+            balancers = state.policy.balancers
+            if balancers is not None and self.client in balancers:
                 # A load balancer: the client is whoever its PROXY header names, so nothing is
                 # decided (and nothing said) before that header is read, within its time limit.
                 self._proxy_reader = ProxyHeaderReader()
@@ -97,9 +98,11 @@ class Admission:
             self._reading = False
             self._admit_task = self.state.loop.create_task(self._admit_shared())
             return
-        limit = state.limiter.admit(self.client, time.monotonic())
+        self._limit_decided(state.limiter.admit(self.client, time.monotonic()))
+
+    def _limit_decided(self: ClientProtocol, limit: str | None) -> None:
         if limit is not None:
-            self._refuse_connection(limit.lower(), policy.replies[limit])
+            self._refuse_connection(limit.lower(), self.state.policy.replies[limit])
             return
         self._open_session()
 
@@ -117,14 +120,11 @@ class Admission:
             if limit is None:
                 shared.release(self.client, self.session_id)  # admitted for a client gone meanwhile
             return
-        if limit is not None:
-            self._refuse_connection(limit.lower(), self.state.policy.replies[limit])
-            return
-        self._shared_count = True
-        self._reading = True
-        self.transport.resume_reading()
+        if limit is None:
+            self._reading = True
+            self.transport.resume_reading()
         try:
-            self._open_session()
+            self._limit_decided(limit)
         except Exception:
             self._crash()
 

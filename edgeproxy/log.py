@@ -7,6 +7,7 @@ for the console, where an ESC sequence would repaint the operator's terminal or 
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -74,27 +75,17 @@ def _orjson_text(event: dict[str, Any], **_: Any) -> str:
     return orjson.dumps(event, default=str).decode()
 
 
-class _Second:
-    """The formatted date and time of the current second: made once a second, not per line."""
-
-    __slots__ = ("text", "value")
-
-    def __init__(self) -> None:
-        self.value = -1
-        self.text = ""
-
-
-_second = _Second()
+@functools.lru_cache(maxsize=1)
+def _date_and_time(second: int) -> str:
+    """Formatted once a second, not once per line."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 def _timestamp(_logger: object, _method: str, event: dict[str, Any]) -> dict[str, Any]:
     """ISO 8601 UTC with microseconds, as structlog's TimeStamper(fmt="iso", utc=True) writes it."""
     now = time.time()
     second = int(now)
-    if second != _second.value:
-        _second.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _second.value = second
-    event["timestamp"] = f"{_second.text}.{int((now - second) * 1_000_000):06d}Z"
+    event["timestamp"] = f"{_date_and_time(second)}.{int((now - second) * 1_000_000):06d}Z"
     return event
 
 

@@ -35,6 +35,8 @@ class Policy:
         self.relay_never = CidrSet(settings.relay_never)
         self.connect_allow = CidrSet(settings.connect_allow) if settings.connect_allow else None
         self.connect_deny = CidrSet(settings.connect_deny)
+        # Load balancers whose connections open with a PROXY header (design.md §8).
+        self.balancers = CidrSet(settings.proxy_protocol_from) if settings.proxy_protocol_from else None
         self.max_recipients = settings.max_recipients
         self.max_message_size = settings.max_message_size
         self._sender_addresses = frozenset(entry for entry in settings.sender_deny if "@" in entry)

@@ -54,7 +54,6 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
         "_reading",
         "_refusals",
         "_resume_scheduled",
-        "_shared_count",
         "_started",
         "_timer",
         "_tls_task",
@@ -85,7 +84,6 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
         self._balancer: str | None = None  # the balancer the client came through (PROXY protocol)
         self._early_input = b""  # what followed the PROXY header, for the session once it opens
         self._first_read = True
-        self._shared_count = False  # counted in the shared limits: to be released there
         self._transaction_started = 0.0  # when MAIL went to the backend (for the latency metric)
         self._lost = False
         self._closing = False
@@ -156,9 +154,9 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
         if self.lease is not None:
             self.lease.close()
             self.lease = None
-        if self._shared_count:
-            assert self.state.shared_limits is not None
-            self.state.shared_limits.release(self.client, self.session_id)
+        shared = self.state.shared_limits
+        if shared is not None:  # (then every admission went through it)
+            shared.release(self.client, self.session_id)
         else:
             self.state.limiter.release(self.client)
         self.state.sessions.discard(self)

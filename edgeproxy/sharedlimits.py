@@ -307,8 +307,7 @@ class SharedLimiter:
         log.info("redis_up", local_decisions=self.fallbacks - self._fallbacks_before,
                  seconds=round(time.monotonic() - self._down_since, 3))
         deferred, self._deferred = self._deferred, []
-        for start in range(0, len(deferred), _REMOVAL_BATCH):
-            self._spawn(self._remove(deferred[start:start + _REMOVAL_BATCH]))
+        self._remove_in_batches(deferred)
 
     # -- removals -------------------------------------------------------------------------------
 
@@ -337,8 +336,11 @@ class SharedLimiter:
             self._release_timer = None
         releases = [(client, member, False) for client, members in self._releases.items() for member in members]
         self._releases = {}
-        for start in range(0, len(releases), _REMOVAL_BATCH):
-            self._spawn(self._remove(releases[start:start + _REMOVAL_BATCH]))
+        self._remove_in_batches(releases)
+
+    def _remove_in_batches(self, removals: list[tuple[str, str, bool]]) -> None:
+        for start in range(0, len(removals), _REMOVAL_BATCH):
+            self._spawn(self._remove(removals[start:start + _REMOVAL_BATCH]))
 
     def _defer(self, client: str, member: str, *, admission: bool) -> None:
         if len(self._deferred) < _MAX_DEFERRED:

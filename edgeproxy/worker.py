@@ -12,7 +12,6 @@ import ssl
 from edgeproxy import tls
 from edgeproxy.auth import BackendVerifier, FailureCounter, FileVerifier, Verifier, read_users
 from edgeproxy.config import Settings
-from edgeproxy.fastpath import CidrSet
 from edgeproxy.limits import ConnectionLimiter
 from edgeproxy.listener import ListenerKind
 from edgeproxy.metrics import WorkerMetrics
@@ -58,7 +57,6 @@ class ServerState:
             settings.max_connections, settings.max_connections_per_ip, settings.connection_rate
         )
         self.shared_limits = _shared_limits(settings, self.limiter)
-        self.proxy_sources = CidrSet(settings.proxy_protocol_from) if settings.proxy_protocol_from else None
         self.pool = BackendPool(
             backend[0],
             backend[1],
@@ -135,7 +133,6 @@ class ServerState:
         context = _server_tls(settings)
         verifier = _verifier(settings, self.pool.host_port)
         self.policy = Policy(settings)
-        self.proxy_sources = CidrSet(settings.proxy_protocol_from) if settings.proxy_protocol_from else None
         if context is not None:
             self.tls_context = context
         if isinstance(verifier, FileVerifier):

@@ -17,7 +17,6 @@ import os
 import signal
 import smtplib
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -34,6 +33,8 @@ from tests.backends import AiosmtpdSink
 from tests.conftest import require_tool, wait_for
 from tests.test_lifecycle import ServeProcess
 from tests.test_proxy_faults import closed_port, delivered_numbers, numbered
+from tests.test_proxy_protocol import v1, v2
+from tests.test_proxy_robustness import read_to_end
 
 HAPROXY_CFG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
 BALANCER = "127.0.0.1"
@@ -181,25 +182,6 @@ def describe_tree(edge: ServeProcess) -> list[str]:
     return [f"{process.pid} {process.status()} cpu={sum(process.cpu_times()[:2]):.1f}s" for process in processes]
 
 
-def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
-    """Everything the peer sends until it closes (a reset counts as closing)."""
-    sock.settimeout(timeout)
-    received = b""
-    try:
-        while chunk := sock.recv(65536):
-            received += chunk
-    except ConnectionResetError:
-        pass
-    return received
-
-
-def proxy_v2(source: str, destination: str, source_port: int, destination_port: int) -> bytes:
-    """A PROXY protocol v2 header, PROXY command, TCP over IPv4."""
-    addresses = socket.inet_aton(source) + socket.inet_aton(destination) + struct.pack("!HH", source_port,
-                                                                                     destination_port)
-    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", len(addresses)) + addresses
-
-
 # -- (a) the policy is about the client, not the balancer ---------------------------------------
 
 
@@ -232,13 +214,12 @@ def test_relay_policy_applies_to_the_client_behind_haproxy(topology: Topology) -
 def test_proxy_header_from_an_untrusted_source_is_refused(topology: Topology, version: int) -> None:
     edge = topology.edges[0]
     # It claims to come from the relay client, then tries to relay at once.
-    header = (b"PROXY TCP4 127.0.0.2 127.0.0.1 40000 25\r\n" if version == 1
-              else proxy_v2(RELAY_CLIENT, "127.0.0.1", 40000, 25))
+    header = (v1 if version == 1 else v2)(RELAY_CLIENT, destination="127.0.0.1")
     attempt = (b"EHLO spoof.test\r\nMAIL FROM:<a@spoof.test>\r\nRCPT TO:<victim@elsewhere.test>\r\nDATA\r\n"
                + numbered(99) + b".\r\n")
     with socket.create_connection(("127.0.0.1", edge.port), timeout=5, source_address=(OTHER_CLIENT, 0)) as sock:
         sock.sendall(header + attempt)
-        received = read_until_closed(sock, 5)
+        received = read_to_end(sock, 5)
     # An address outside PROXY_PROTOCOL_FROM is greeted as any client, at once, before its first
     # bytes arrive; the header then ends the connection, with no reply to anything after it.
     assert all(line.startswith(b"220") for line in received.split(b"\r\n") if line), received
@@ -254,7 +235,7 @@ def test_balancer_gets_no_greeting_before_its_header(topology: Topology) -> None
     edge = topology.edges[1]
     with socket.create_connection(("127.0.0.1", edge.port), timeout=5, source_address=(BALANCER, 0)) as sock:
         started = time.monotonic()
-        received = read_until_closed(sock, PROXY_TIMEOUT + 5)
+        received = read_to_end(sock, PROXY_TIMEOUT + 5)
         elapsed = time.monotonic() - started
     assert received == b""
     assert PROXY_TIMEOUT - 0.2 <= elapsed < PROXY_TIMEOUT + 3

@@ -9,7 +9,7 @@ import smtplib
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -47,22 +47,16 @@ def value(port: int, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def metered(sink: AiosmtpdSink) -> Iterator:
-    started: list[ServeProcess] = []
+def metered(logged_proxy, sink: AiosmtpdSink) -> Callable[..., tuple[ServeProcess, int]]:
+    """A proxy process with metrics on, and the metrics port."""
 
     def start(backend: tuple[str, int] | None = None, **env: str) -> tuple[ServeProcess, int]:
-        host, port = backend or sink.address
         metrics_port = free_port()
-        variables = {f"EDGEPROXY_{name.upper()}": text for name, text in env.items()}
-        process = ServeProcess({"EDGEPROXY_BACKEND": f"{host}:{port}", "EDGEPROXY_HOSTNAME": "proxy.test",
-                                "EDGEPROXY_METRICS_LISTEN": f"127.0.0.1:{metrics_port}", **variables})
-        started.append(process)
+        process = logged_proxy(backend or sink.address, metrics_listen=f"127.0.0.1:{metrics_port}", **env)
         assert wait_for(lambda: get(metrics_port, "/healthz")[0] == 200, 10)
         return process, metrics_port
 
-    yield start
-    for process in started:
-        process.stop()
+    return start
 
 
 def test_counts_are_summed_over_two_workers(metered, sink) -> None:

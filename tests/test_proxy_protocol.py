@@ -8,7 +8,6 @@ PROXY_PROTOCOL_FROM, and the header names the client the test wants the proxy to
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 import time
@@ -19,9 +18,12 @@ from edgeproxy.refusals import POLICY_DEFAULTS
 from tests.backends import PipeliningSink
 from tests.conftest import wait_for
 from tests.test_proxy_attacks import Client
+from tests.test_proxy_robustness import read_to_end
+from tests.test_proxyproto import LOCAL, UNSPEC, v2_tcp4, v2_tcp6
+from tests.test_proxyproto import SIGNATURE as V2_SIGNATURE
+from tests.test_proxyproto import v2 as v2_header
 
 BALANCER = "127.0.0.1/32"
-V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 RELAY_DENIED = POLICY_DEFAULTS["RELAY_DENIED"].encode()
 
 
@@ -33,11 +35,8 @@ def v1(source: str, port: int = 40000, destination: str = "192.0.2.1") -> bytes:
 def v2(source: str | None, port: int = 40000, destination: str = "192.0.2.1", tlvs: bytes = b"") -> bytes:
     """A v2 header; ``source=None`` makes a LOCAL one (a balancer's health check)."""
     if source is None:
-        return V2_SIGNATURE + bytes([0x20, 0x00]) + struct.pack("!H", len(tlvs)) + tlvs
-    src, dst = ipaddress.ip_address(source), ipaddress.ip_address(destination)
-    family = 0x11 if src.version == 4 else 0x21
-    block = src.packed + dst.packed + struct.pack("!HH", port, 25) + tlvs
-    return V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(block)) + block
+        return v2_header(LOCAL, UNSPEC, tlvs)
+    return (v2_tcp6 if ":" in source else v2_tcp4)(source, port, destination, 25, tlvs)
 
 
 class Balancer(Client):
@@ -49,16 +48,6 @@ class Balancer(Client):
         self.sock.sendall(header)
         self.greeting = self.read_reply()
 
-
-def read_all(sock: socket.socket, timeout: float = 10) -> bytes:
-    sock.settimeout(timeout)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data
 
 
 def relay_attempt(client: Client) -> bytes:
@@ -127,12 +116,12 @@ def test_log_lines_name_the_client_and_the_balancer_and_every_refused_header(log
     client.close()
     bad = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
     bad.sendall(b"PROXY TCP4 203.0.113.1 192.0.2.1 40000\r\n")
-    assert read_all(bad) == b""
+    assert read_to_end(bad) == b""
     silent = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    assert read_all(silent) == b""
+    assert read_to_end(silent) == b""
     untrusted = socket.create_connection(("127.0.0.1", proxy.port), timeout=10, source_address=("127.0.0.2", 0))
     untrusted.sendall(v1("198.51.100.7"))
-    assert read_all(untrusted).startswith(b"220 ")  # greeted as plain SMTP, then dropped at the header
+    assert read_to_end(untrusted).startswith(b"220 ")  # greeted as plain SMTP, then dropped at the header
     for sock in (bad, silent, untrusted):
         sock.close()
     assert wait_for(lambda: proxy.count("refused") >= 4, 10), proxy.lines
@@ -207,7 +196,7 @@ def test_a_bad_header_closes_the_connection_without_a_word(make_proxy, sink, hea
     sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
     sock.sendall(header)
     started = time.monotonic()
-    assert read_all(sock) == b"", "nothing is said to a connection whose header is bad"
+    assert read_to_end(sock) == b"", "nothing is said to a connection whose header is bad"
     assert time.monotonic() - started < 3, "refused at once, not at the header timeout"
     sock.close()
 
@@ -216,7 +205,7 @@ def test_a_balancer_that_sends_no_header_is_cut_off_at_the_timeout(make_proxy, s
     proxy = make_proxy(sink.address, proxy_protocol_from=BALANCER, proxy_protocol_timeout="0.5")
     sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
     started = time.monotonic()
-    assert read_all(sock) == b""
+    assert read_to_end(sock) == b""
     assert 0.3 < time.monotonic() - started < 5
     sock.close()
 
@@ -233,7 +222,7 @@ def test_a_header_from_an_address_not_listed_is_refused(make_proxy, make_header)
         client = Client(proxy.port)  # the greeting: for this address, plain SMTP is expected
         client.sock.sendall(make_header("198.51.100.7") + b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n"
                             b"RCPT TO:<victim@far-away.test>\r\n")
-        assert read_all(client.sock) == b""
+        assert read_to_end(client.sock) == b""
         client.close()
         proxy.wait_quiet()
     assert backend.connections <= 1 and not backend.messages  # (the start-up probe only)
@@ -243,5 +232,5 @@ def test_without_proxy_protocol_configured_a_header_is_refused_too(make_proxy, s
     proxy = make_proxy(sink.address)
     client = Client(proxy.port)
     client.sock.sendall(v2("198.51.100.7"))
-    assert read_all(client.sock) == b""
+    assert read_to_end(client.sock) == b""
     client.close()

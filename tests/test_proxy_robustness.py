@@ -48,6 +48,21 @@ def replies_in(data: bytes) -> list[bytes]:
     return replies
 
 
+def push(sock: socket.socket, block: bytes, seconds: float, most: int = 64 * MB) -> int:
+    """Send ``block`` over and over, without reading, for ``seconds`` or until ``most`` octets
+    went out: what the proxy (and the kernel's buffers) took."""
+    data = memoryview(block)
+    sock.setblocking(False)
+    sent = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and sent < most:
+        try:
+            sent += sock.send(data[sent % len(data):])
+        except BlockingIOError:
+            select.select([], [sock], [], 0.05)
+    return sent
+
+
 def read_to_end(sock: socket.socket, timeout: float = 10) -> bytes:
     """Everything until the proxy closes; a reset after the last byte counts as closing too."""
     sock.settimeout(timeout)
@@ -95,15 +110,7 @@ def test_client_input_held_behind_a_slow_backend_reply_is_bounded(make_proxy) ->
         proxy = make_proxy(backend.address, junk_command_limit="1000000")
         client = Client(proxy.port)
         client.sock.sendall(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\n")
-        block = memoryview((b"NOOP " + b"x" * 493 + b"\r\n") * 128)
-        client.sock.setblocking(False)
-        sent = 0
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and sent < 64 * MB:
-            try:
-                sent += client.sock.send(block[sent % len(block):])
-            except BlockingIOError:
-                select.select([], [client.sock], [], 0.05)
+        sent = push(client.sock, (b"NOOP " + b"x" * 493 + b"\r\n") * 128, seconds=3)
         assert sent < 20 * MB, f"the proxy read {sent / MB:.0f} MB from a client it could not answer"
         # The session still works: once the backend answers, every reply comes, in order.
         client.sock.settimeout(15)
@@ -124,15 +131,7 @@ def test_session_closed_behind_a_held_backend_reply_stops_reading(make_proxy) ->
         proxy = make_proxy(backend.address)
         client = Client(proxy.port)
         client.sock.sendall(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\n")
-        block = memoryview(b"NOOP\r\n" * 10000)
-        client.sock.setblocking(False)
-        sent = 0
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline and sent < 64 * MB:
-            try:
-                sent += client.sock.send(block[sent % len(block):])
-            except BlockingIOError:
-                select.select([], [client.sock], [], 0.05)
+        sent = push(client.sock, b"NOOP\r\n" * 10000, seconds=2)
         assert sent < 20 * MB, f"the proxy read {sent / MB:.0f} MB for a session it had closed"
         replies = replies_in(read_to_end(client.sock, timeout=15))
         assert replies[2].startswith(b"250 2.1.5")  # the backend's RCPT reply, held 3 s

@@ -9,7 +9,7 @@ from __future__ import annotations
 import smtplib
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -30,20 +30,9 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def nodes(sink: AiosmtpdSink) -> Iterator:
-    started: list[ServeProcess] = []
-
-    def start(**env: str) -> ServeProcess:
-        variables = {f"EDGEPROXY_{name.upper()}": value for name, value in env.items()}
-        host, port = sink.address
-        process = ServeProcess({"EDGEPROXY_BACKEND": f"{host}:{port}", "EDGEPROXY_LOG_LEVEL": "info",
-                                "EDGEPROXY_HOSTNAME": "proxy.test", **variables})
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
+def nodes(logged_proxy, sink: AiosmtpdSink) -> Callable[..., ServeProcess]:
+    """Proxy processes (nodes) in front of the one sink."""
+    return lambda **env: logged_proxy(sink.address, **env)
 
 
 def greeting(port: int, held: list[socket.socket]) -> bytes:
