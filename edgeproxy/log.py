@@ -90,36 +90,52 @@ def _timestamp(_logger: object, _method: str, event: dict[str, Any]) -> dict[str
 
 
 class RefusalLog:
-    """RFC 2505 §2.4 refusal lines. The first of a run of identical refusals is logged at once;
-    the rest of the run becomes one ``refused_repeated`` line with their count, so a client
-    repeating itself (a recipient flood, a relay probe loop) cannot make the log its amplifier."""
+    """RFC 2505 §2.4 refusal records, carried by the session's one summary line.
 
-    __slots__ = ("_key", "_last", "_repeated")
+    A refused relay attempt is the commonest session at the edge, and two lines for it (the
+    refusal, then the session) were a third of its cost; so a session's refusals wait in runs:
+    identical refusals in a row are one run with a count, and up to ``HELD_RUNS`` runs ride in
+    the ``session`` line. Past that a client is probing many things at once: each further run is
+    written as its own ``refused`` line (with ``count``) as soon as it ends, so what it tried is
+    on record before the session does, and repeating itself never makes the log its amplifier.
+    """
+
+    HELD_RUNS = 8
+
+    __slots__ = ("_key", "_runs", "_spilled")
 
     def __init__(self) -> None:
         self._key: tuple[object, ...] | None = None
-        self._last: Refused | None = None
-        self._repeated = 0
+        self._runs: list[dict[str, Any]] = []
+        self._spilled = False
 
     def add(self, event: Refused, logger: structlog.typing.FilteringBoundLogger, helo: str | None) -> None:
-        key = (event.stage, event.rule, event.sender, _domain(event.recipient), event.reply)
+        recipient_domain = _domain(event.recipient)
+        key = (event.stage, event.rule, event.sender, recipient_domain, event.reply)
         if key == self._key:
-            self._repeated += 1
+            self._runs[-1]["count"] += 1
             return
-        self.flush(logger, helo)
-        self._key, self._last = key, event
-        # RFC 2505 §2.4: time, rule, client address and name, HELO, sender, recipient domain.
-        logger.info("refused", stage=event.stage, rule=event.rule, helo=helo, sender=event.sender,
-                    recipient_domain=_domain(event.recipient), reply=str(event.reply))
+        if len(self._runs) >= self.HELD_RUNS:
+            self._spilled = True
+        if self._spilled and self._runs:
+            self._write(logger, helo)
+        self._key = key
+        # RFC 2505 §2.4: time, rule, client address and name, HELO, sender, recipient domain
+        # (the time, client and HELO are the line's).
+        self._runs.append({"stage": event.stage, "rule": event.rule, "sender": event.sender,
+                           "recipient_domain": recipient_domain, "reply": str(event.reply), "count": 1})
 
-    def flush(self, logger: structlog.typing.FilteringBoundLogger, helo: str | None) -> None:
-        """End the current run: its repeats, if any, as one line."""
-        event = self._last
-        if event is not None and self._repeated:
-            logger.info("refused_repeated", stage=event.stage, rule=event.rule, helo=helo, sender=event.sender,
-                        recipient_domain=_domain(event.recipient), reply=str(event.reply), count=self._repeated)
-        self._key = self._last = None
-        self._repeated = 0
+    def take(self, logger: structlog.typing.FilteringBoundLogger, helo: str | None) -> list[dict[str, Any]] | None:
+        """The runs for the session line; after a spill, the last run goes out as its own line."""
+        if self._spilled and self._runs:
+            self._write(logger, helo)
+        runs, self._runs, self._key = self._runs, [], None
+        return runs or None
+
+    def _write(self, logger: structlog.typing.FilteringBoundLogger, helo: str | None) -> None:
+        for run in self._runs:
+            logger.info("refused", helo=helo, **run)
+        self._runs.clear()
 
 
 def _domain(recipient: str | None) -> str | None:

@@ -170,7 +170,6 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
             self.state.drained.set()
 
     def _log_session(self, session: SmtpSession, seconds: float) -> None:
-        self._refusals.flush(self.log, session.helo)
         stats = session.stats
         self.log.info(
             "session",
@@ -182,6 +181,7 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
             refusals=stats.refusals,
             errors=stats.errors,
             rules=stats.rules or None,
+            refused=self._refusals.take(self.log, session.helo),
         )
 
     def pause_writing(self) -> None:

@@ -24,6 +24,17 @@ from tests.test_proxy_faults import closed_port, delivered_numbers, numbered
 RELAY_DENIED = POLICY_DEFAULTS["RELAY_DENIED"]
 
 
+def refusal_records(lines: list[dict]) -> list[dict]:
+    records = []
+    for line in lines:
+        if line.get("event") == "refused":
+            records.append(line)
+        elif line.get("event") == "session":
+            context = {key: value for key, value in line.items() if key not in ("event", "refused")}
+            records += [{**context, "event": "refused", **run} for run in line.get("refused") or ()]
+    return records
+
+
 class ServeProcess:
     def __init__(self, env: dict[str, str]) -> None:
         self.port = closed_port()
@@ -56,6 +67,11 @@ class ServeProcess:
 
     def count(self, event: str) -> int:
         return sum(1 for line in self.lines if line.get("event") == event)
+
+    def refusals(self) -> list[dict]:
+        """Every refusal record, each with its line's context (time, session, client, HELO): most
+        ride in their session's closing line, a busy session's overflow has lines of its own."""
+        return refusal_records(self.lines)
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
@@ -100,7 +116,8 @@ def test_defaults_start_the_embedded_sink_and_refuse_relaying(serve, tmp_path: P
     assert wait_for(lambda: len(list(tmp_path.glob("*.eml"))) == 1)
     stored = next(tmp_path.glob("*.eml")).read_bytes()
     assert b"X-Sink-Rcpt-To: <user@example.test>" in stored and b"Subject: message 1" in stored
-    refusal = next(line for line in proxy.lines if line.get("event") == "refused")
+    assert wait_for(lambda: proxy.refusals())
+    (refusal,) = proxy.refusals()
     # RFC 2505 §2.4: time, rule, client, HELO, sender, recipient domain.
     assert refusal["rule"] == "relay_denied" and refusal["client"] == "127.0.0.1"
     assert refusal["sender"] == "a@b.test" and refusal["recipient_domain"] == "elsewhere.test"

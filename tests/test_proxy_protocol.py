@@ -124,8 +124,8 @@ def test_log_lines_name_the_client_and_the_balancer_and_every_refused_header(log
     assert read_to_end(untrusted).startswith(b"220 ")  # greeted as plain SMTP, then dropped at the header
     for sock in (bad, silent, untrusted):
         sock.close()
-    assert wait_for(lambda: proxy.count("refused") >= 4, 10), proxy.lines
-    refused = [line for line in proxy.lines if line.get("event") == "refused"]
+    assert wait_for(lambda: len(proxy.refusals()) >= 4, 10), proxy.lines
+    refused = proxy.refusals()
     relay = next(line for line in refused if line.get("stage") == "rcpt")
     assert (relay["client"], relay["via"]) == ("203.0.113.5", "127.0.0.1")
     rules = {line["rule"]: line for line in refused if line.get("stage") == "proxy"}

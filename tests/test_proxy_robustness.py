@@ -178,10 +178,9 @@ def test_large_legitimate_mailing_past_max_recipients_is_not_disconnected(make_p
 
 
 def test_a_run_of_identical_refusals_is_logged_once_with_its_count(logged_proxy, pipelining_sink) -> None:
-    """Seven 452s in a row (same stage, rule, sender) make one ``refused`` line at once and one
-    ``refused_repeated`` line with count=6 when the run ends; the relay refusals that follow
-    (another rule) the same, their repeats counted when the session ends. Not one line per
-    refusal: the client must not be able to flood the log."""
+    """Seven 452s in a row (same stage, rule, sender) are one refusal record with count=7, and
+    the three relay refusals that follow (another rule) one with count=3, both in the session's
+    one closing line: not one line per refusal, so a client cannot make the log its amplifier."""
     proxy = logged_proxy(pipelining_sink.address, max_recipients="3")
     local = b"".join(b"RCPT TO:<u%d@example.test>\r\n" % n for n in range(10))
     foreign = b"".join(b"RCPT TO:<v%d@elsewhere.test>\r\n" % n for n in range(3))
@@ -191,14 +190,37 @@ def test_a_run_of_identical_refusals_is_logged_once_with_its_count(logged_proxy,
     assert reply_codes(reply) == ([250, 250] + [250] * 3 + [TOO_MANY_RECIPIENTS.code] * 7 + [250, 250]
                                   + [RELAY_DENIED.code] * 3 + [221])
     assert wait_for(lambda: len(events(proxy.lines, "session")) == 1, 10)
+    assert events(proxy.lines, "refused") == []
+    (session,) = events(proxy.lines, "session")
+    runs = session["refused"]
+    assert [(run["rule"], run["count"]) for run in runs] == [("too_many_recipients", 7), ("relay_denied", 3)], runs
+    assert runs[1]["recipient_domain"] == "elsewhere.test" and runs[1]["sender"] == "a@b.test"
+    assert runs[1]["reply"] == str(RELAY_DENIED) and session["helo"] == "c" and session["refusals"] == 10
+
+
+def test_a_client_probing_many_forms_gets_refusal_lines_of_its_own(logged_proxy, pipelining_sink) -> None:
+    """Past the runs a session line carries, each further run is written as its own ``refused``
+    line as soon as it ends: a probe of many forms is on record before its session ends, and the
+    lines stay one per run."""
+    held = 8  # RefusalLog.HELD_RUNS
+    proxy = logged_proxy(pipelining_sink.address, max_errors="100")
+    probes = [b"RCPT TO:<u@d%d.elsewhere.test>\r\n" % n for n in range(held + 3)]
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as client:
+        client.sendall(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n" + b"".join(probes) + probes[-1])
+        received = b""
+        while len(reply_codes(received)) < 1 + 2 + len(probes) + 1:  # greeting, EHLO, MAIL, probes
+            received += client.recv(65536)
+        # The session goes on; the held runs and the one that ended are on record already.
+        assert wait_for(lambda: len(events(proxy.lines, "refused")) == held + 2, 10), proxy.lines
+        assert events(proxy.lines, "session") == []
+        client.sendall(b"QUIT\r\n")
+        read_to_end(client)
+    assert wait_for(lambda: len(events(proxy.lines, "session")) == 1, 10)
     refused = events(proxy.lines, "refused")
-    assert [(line["rule"], line.get("count")) for line in refused] == [("too_many_recipients", None),
-                                                                       ("relay_denied", None)], refused
-    repeated = events(proxy.lines, "refused_repeated")
-    assert [(line["rule"], line["count"]) for line in repeated] == [("too_many_recipients", 6),
-                                                                     ("relay_denied", 2)], repeated
-    for line in (refused[1], repeated[1]):
-        assert line["recipient_domain"] == "elsewhere.test" and line["sender"] == "a@b.test"
+    assert [line["recipient_domain"] for line in refused] == [f"d{n}.elsewhere.test" for n in range(held + 3)]
+    assert [line["count"] for line in refused] == [1] * (held + 2) + [2]
+    (session,) = events(proxy.lines, "session")
+    assert session["refused"] is None and session["refusals"] == held + 4
 
 
 # -- 3. a client that never reads --------------------------------------------------------------

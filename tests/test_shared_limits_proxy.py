@@ -103,8 +103,7 @@ def test_redis_killed_and_restarted_under_load_costs_no_session_and_no_message(n
     assert subjects == list(range(total))
     assert wait_for(lambda: node.count("redis_up") == 1, 5)
     assert node.count("redis_down") == 1
-    refused = [line for line in node.lines if line.get("event") == "refused"]
-    assert refused == []
+    assert node.refusals() == []
 
 
 def test_auth_failures_are_counted_across_two_nodes(nodes, redis_server, tmp_path) -> None:
