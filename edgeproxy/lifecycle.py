@@ -75,6 +75,7 @@ async def serve(settings: Settings, backend: tuple[str, int], listeners: list[Li
                 reuse_port: bool, environ: Mapping[str, str], metrics_dir: str | None = None,
                 supervisor: int | None = None) -> None:
     loop = asyncio.get_running_loop()
+    logsetup.batch_writes(loop)
     state = ServerState(settings, backend)
     await state.pool.probe()
     report_metrics = _report_metrics(state, metrics_dir) if metrics_dir is not None else None
@@ -170,12 +171,15 @@ def run_worker(settings: Settings, backend: tuple[str, int], listeners: list[Lis
                reuse_port: bool, environ: Mapping[str, str], metrics_dir: str | None = None,
                supervisor: int | None = None) -> None:
     coroutine = serve(settings, backend, listeners, reuse_port, environ, metrics_dir, supervisor)
-    if settings.loop == "uvloop":
-        import uvloop
+    try:
+        if settings.loop == "uvloop":
+            import uvloop
 
-        uvloop.run(coroutine)
-    else:
-        asyncio.run(coroutine)
+            uvloop.run(coroutine)
+        else:
+            asyncio.run(coroutine)
+    finally:
+        logsetup.batch_writes(None)  # what the last turn held, before the worker exits
 
 
 def start_embedded_sink(settings: Settings) -> tuple[tuple[str, int], int, str]:

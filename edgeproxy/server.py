@@ -171,8 +171,8 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
 
     def _log_session(self, session: SmtpSession, seconds: float) -> None:
         stats = session.stats
-        self.log.info(
-            "session",
+        fields = self._line_context()
+        fields.update(
             helo=session.helo,
             seconds=round(seconds, 3),
             tls=f"{session.tls.version}/{session.tls.cipher}" if session.tls else None,
@@ -181,8 +181,24 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
             refusals=stats.refusals,
             errors=stats.errors,
             rules=stats.rules or None,
-            refused=self._refusals.take(self.log, session.helo),
         )
+        runs = self._refusals.take() if stats.refusals else None
+        if runs and self._refusals.spilled:
+            self._log_refused(runs)
+            runs = None
+        fields["refused"] = runs or None
+        logsetup.info_line("session", fields)
+
+    def _log_refused(self, runs: list[dict[str, object]]) -> None:
+        helo = self.session.helo if self.session is not None else None
+        for run in runs:
+            logsetup.info_line("refused", {**self._line_context(), "helo": helo, **run})
+
+    def _line_context(self) -> dict[str, object]:
+        """What ``log`` binds, for the lines written without a bound logger."""
+        if self._balancer is None:
+            return {"session": self.session_id, "client": self.client}
+        return {"session": self.session_id, "client": self.client, "via": self._balancer}
 
     def pause_writing(self) -> None:
         self._client_writable = False
@@ -278,7 +294,9 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
                 metrics = self.state.metrics
                 metrics.count(metrics.refusals, event.rule)
                 if logsetup.info_enabled:
-                    self._refusals.add(event, self.log, self.session.helo if self.session else None)
+                    ended = self._refusals.add(event)
+                    if ended:
+                        self._log_refused(ended)
             elif isinstance(event, ev.BackendRelease):
                 if self.lease is not None:
                     self.lease.release()

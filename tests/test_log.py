@@ -1,0 +1,92 @@
+"""The JSON line writer: a worker's lines of one loop turn in one write of whole lines, within
+PIPE_BUF, so workers sharing stderr never cut into each other's lines; nothing held is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import pytest
+import structlog
+
+from edgeproxy import log as logsetup
+
+
+class RecordingStream(io.BytesIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self.writes.append(bytes(data))
+        return len(data)
+
+
+class Stderr:
+    def __init__(self) -> None:
+        self.buffer = RecordingStream()
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.fixture
+def stderr():
+    stream = Stderr()
+    logsetup.configure("info", "json", stream)  # type: ignore[arg-type]
+    yield stream.buffer
+    logsetup.batch_writes(None)
+    logsetup.configure("warning", "json")
+
+
+def lines(writes: list[bytes]) -> list[dict]:
+    return [json.loads(line) for write in writes for line in write.splitlines()]
+
+
+def test_lines_of_one_turn_are_one_write_and_the_next_turn_another(stderr) -> None:
+    async def main() -> None:
+        logsetup.batch_writes(asyncio.get_running_loop())
+        for number in range(3):
+            logsetup.info_line("session", {"number": number})
+        structlog.get_logger("edgeproxy").warning("through_structlog", number=3)
+        assert stderr.writes == []  # held until the turn ends
+        await asyncio.sleep(0)
+        assert len(stderr.writes) == 1
+        logsetup.info_line("session", {"number": 4})
+        await asyncio.sleep(0)
+        assert len(stderr.writes) == 2
+
+    asyncio.run(main())
+    written = lines(stderr.writes)
+    assert [line["number"] for line in written] == [0, 1, 2, 3, 4]
+    assert [line["level"] for line in written] == ["info"] * 3 + ["warning", "info"]
+    assert all(line["timestamp"].endswith("Z") for line in written)
+
+
+def test_a_turn_of_many_lines_is_written_in_whole_lines_within_pipe_buf(stderr) -> None:
+    async def main() -> None:
+        logsetup.batch_writes(asyncio.get_running_loop())
+        for number in range(100):
+            logsetup.info_line("session", {"number": number, "padding": "x" * 200})
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert len(stderr.writes) > 1
+    assert all(len(write) <= logsetup.JsonLines.MAX_WRITE and write.endswith(b"\n") for write in stderr.writes)
+    assert [line["number"] for line in lines(stderr.writes)] == list(range(100))
+
+
+def test_detaching_the_loop_writes_what_is_held_and_then_writes_at_once(stderr) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        logsetup.batch_writes(loop)
+        logsetup.info_line("session", {"number": 0})
+        assert stderr.writes == []
+        logsetup.batch_writes(None)  # as a worker does when its loop ends, run or crash
+        assert len(stderr.writes) == 1
+        logsetup.info_line("session", {"number": 1})
+        assert len(stderr.writes) == 2
+    finally:
+        loop.close()
+    assert [line["number"] for line in lines(stderr.writes)] == [0, 1]
