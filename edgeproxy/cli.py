@@ -37,7 +37,14 @@ def cmd_config(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def cmd_check_relay(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    """Show what the policy answers one RCPT from one client, as an operator would test it."""
+    """Show what the policy answers one RCPT from one client, as an operator would test it; with
+    ``--server``, probe a live server for open relay instead (edgeproxy.relaycheck)."""
+    from edgeproxy import relaycheck
+
+    if relaycheck.remote_requested(args):
+        return relaycheck.command(args, args.usage_error)
+    if args.client is None or args.recipient is None:
+        args.usage_error("give CLIENT and RECIPIENT, or --server HOST:PORT")
     settings = _load(environ)
     if settings is None:
         return 1
@@ -133,12 +140,35 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print the effective configuration; exit 1 on errors")
     config.add_argument("--markdown", action="store_true", help="print the variable table for README.md")
     config.set_defaults(handler=cmd_config)
-    check = commands.add_parser("check-relay", help="decide one recipient for one client, and exit")
-    check.add_argument("client", help="client IP address, e.g. 192.0.2.7")
-    check.add_argument("recipient", help="recipient address, e.g. user@example.com")
+    check = commands.add_parser("check-relay", help="decide one recipient for one client, and exit; or, with "
+                                "--server, probe a live server for open relay")
+    check.add_argument("client", nargs="?", help="client IP address, e.g. 192.0.2.7")
+    check.add_argument("recipient", nargs="?", help="recipient address, e.g. user@example.com")
     check.add_argument("--authenticated", action="store_true")
     check.add_argument("--relay-listener", action="store_true", help="as if on a relay listener")
-    check.set_defaults(handler=cmd_check_relay)
+    from edgeproxy.relaycheck import DEFAULT_FOREIGN_DOMAIN, FALLBACK_LOCAL_DOMAIN
+
+    remote = check.add_argument_group(
+        "remote test (--server)",
+        "Probe a live SMTP server for open relay instead of asking the local policy: a foreign recipient from "
+        "each sender kind and every encapsulation form (percent hack, bang path, source route, quoted local "
+        "parts, IP literals, ...). Each probe is MAIL, RCPT, RSET; DATA is never sent. Exit status 1 if any "
+        "RCPT got 2xx, 0 if none, 2 on a usage or connection error.")
+    remote.add_argument("--server", metavar="HOST:PORT", help="the server to probe, e.g. mx.example.com:25")
+    remote.add_argument("--source", metavar="ADDR", help="bind the client socket to this source address")
+    remote.add_argument("--starttls", action="store_true",
+                        help="run the probes inside STARTTLS (the certificate is NOT verified: this is a "
+                             "diagnosis tool); exit 2 if the server does not offer it")
+    remote.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
+    remote.add_argument("--helo", metavar="NAME", help="EHLO/HELO name (default: this host's name)")
+    remote.add_argument("--local-domain", metavar="DOMAIN",
+                        help="a domain the server accepts mail for, used in the encapsulation forms (default: "
+                             f"the domain of the greeting's host name, else {FALLBACK_LOCAL_DOMAIN})")
+    remote.add_argument("--foreign-domain", metavar="DOMAIN",
+                        help=f"the relay destination probed (default {DEFAULT_FOREIGN_DOMAIN}, which never "
+                             "receives mail)")
+    remote.add_argument("--timeout", metavar="SECONDS", type=float, help="per operation (default 10)")
+    check.set_defaults(handler=cmd_check_relay, usage_error=check.error)
     passwd = commands.add_parser("passwd", help="print a users-file line (argon2id) for USER; password on stdin")
     passwd.add_argument("user")
     passwd.set_defaults(handler=cmd_passwd)
