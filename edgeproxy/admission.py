@@ -138,7 +138,7 @@ class Admission:
         state.metrics.connections_accepted += 1
         grant = policy.relay_grant(self.client, self.listener)
         self.session = SmtpSession(state.limits, policy, state.capabilities(), self.client, grant, self.session_id,
-                                   listener=self.listener)
+                                   listener=self.listener, verdicts=state.recipient_verdicts)
         loop = self.state.loop
         self._started = self._last_progress = loop.time()
         self._timer = loop.call_later(state.settings.timeout, self._check_timeouts)

@@ -120,6 +120,21 @@ _SETTINGS_VARIABLES: tuple[Variable, ...] = (
              "Recipient directory: for a local domain with any address listed, only listed "
              "addresses are accepted (others get 550 5.1.1 at RCPT)",
              "@/etc/edgeproxy/recipients"),
+    Variable("VERIFY_RECIPIENTS", parse_bool, "no",
+             "Remember the backend's verdict on each recipient of a local or relay domain without a "
+             "directory: a recipient it refused as unknown (5.1.1) is then refused without asking it",
+             "yes"),
+    Variable("VERIFY_NEGATIVE_TTL", seconds_parser(1), "10800",
+             "Seconds an unknown recipient is remembered (a 4xx is never remembered)", "3600"),
+    Variable("VERIFY_POSITIVE_TTL", seconds_parser(1), "604800",
+             "Seconds an accepted recipient is remembered", "86400"),
+    Variable("VERIFY_CACHE_SIZE", int_parser(1), "100000",
+             "Recipient verdicts remembered per worker; the least recently used go first", "1000000"),
+    Variable("HARVEST_LIMIT", int_parser(0), "5",
+             "Unknown-recipient refusals in a session before each further RCPT reply is delayed "
+             "(directory-harvest defence); 0 = never", "3"),
+    Variable("HARVEST_DELAY", seconds_parser(0), "5",
+             "Seconds each RCPT reply is delayed past HARVEST_LIMIT (other clients are not held up)", "10"),
     Variable("REWRITE", parse_rewrite, "",
              "Domain rewrite map, applied before the local/relay decision", "dec.com=compaq.com"),
     Variable("SENDER_DENY", parse_sender_deny, "",
@@ -248,6 +263,12 @@ class Settings:
     connect_allow: tuple[str, ...]
     connect_deny: tuple[str, ...]
     recipients: tuple[str, ...]
+    verify_recipients: bool
+    verify_negative_ttl: float
+    verify_positive_ttl: float
+    verify_cache_size: int
+    harvest_limit: int
+    harvest_delay: float
     rewrite: tuple[tuple[str, str], ...]
     sender_deny: tuple[str, ...]
     soft_reject: bool

@@ -142,6 +142,8 @@ async def serve(settings: Settings, backend: tuple[str, int], listeners: list[Li
     state.pool.close_all()
     if state.shared_limits is not None:
         await state.shared_limits.close()  # (the releases of the last sessions reach Redis first)
+    if state.recipient_verdicts is not None:
+        await state.recipient_verdicts.close()
     await asyncio.sleep(0)
     if report_metrics is not None:
         report_metrics()

@@ -56,8 +56,9 @@ class Histogram:
 class WorkerMetrics:
     """One worker's counts since it started. Increment the attributes directly."""
 
-    __slots__ = ("auth", "backend_seconds", "connections_accepted", "connections_refused", "message_bytes",
-                 "messages", "recipients", "redis_fallbacks", "refusals", "session_seconds", "sessions", "tls")
+    __slots__ = ("auth", "backend_seconds", "connections_accepted", "connections_refused", "harvest_delays",
+                 "message_bytes", "messages", "recipients", "redis_fallbacks", "refusals", "session_seconds",
+                 "sessions", "tls")
 
     def __init__(self) -> None:
         self.connections_accepted = 0
@@ -70,6 +71,7 @@ class WorkerMetrics:
         self.tls: dict[str, int] = {}  # handshakes by result
         self.auth: dict[str, int] = {}  # AUTH attempts by result
         self.redis_fallbacks = 0
+        self.harvest_delays = 0
         self.session_seconds = Histogram(SESSION_BUCKETS)
         self.backend_seconds = Histogram(BACKEND_BUCKETS)
 
@@ -91,6 +93,7 @@ class WorkerMetrics:
                 "recipients": self.recipients,
                 "message_bytes": self.message_bytes,
                 "redis_fallbacks": self.redis_fallbacks,
+                "harvest_delays": self.harvest_delays,
             },
             "labelled": {
                 "connections_refused": sorted(self.connections_refused.items()),
@@ -131,6 +134,7 @@ _COUNTERS = {
     "recipients": ("edgeproxy_recipients_accepted", "Recipients accepted in transactions that ended"),
     "message_bytes": ("edgeproxy_message_bytes", "Body octets of messages the backend accepted"),
     "redis_fallbacks": ("edgeproxy_redis_fallbacks", "Limit decisions taken per worker while Redis was unwell"),
+    "harvest_delays": ("edgeproxy_harvest_delays", "RCPT replies delayed by the directory-harvest tarpit"),
 }
 _LABELLED = {
     "connections_refused": ("edgeproxy_connections_refused", "Connections refused before a session", ("reason",)),

@@ -105,6 +105,10 @@ class Policy:
     def message_too_big(self) -> Refusal:
         return Refusal("message_too_big", self.replies["MESSAGE_TOO_BIG"])
 
+    def unknown_recipient(self) -> Refusal:
+        """A recipient the backend refused as unknown lately (EDGEPROXY_VERIFY_RECIPIENTS)."""
+        return Refusal("unknown_user_remembered", self.replies["UNKNOWN_USER"])
+
 
 def recipient_directories(settings: Settings) -> dict[str, frozenset[str]]:
     """Group the recipient directory by domain: a domain listed at all has a closed directory."""

@@ -25,6 +25,7 @@ from edgeproxy.reply import Reply
 from edgeproxy.smtp import events as ev
 from edgeproxy.smtp import replies as r
 from edgeproxy.smtp.client import ClientIdentity
+from edgeproxy.smtp.replyqueue import Slot
 from edgeproxy.smtp.session import SmtpSession
 from edgeproxy.tlsauth import Securing
 
@@ -55,6 +56,7 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
         "_refusals",
         "_resume_scheduled",
         "_started",
+        "_tarpit_at",
         "_timer",
         "_tls_task",
         "_tls_wanted",
@@ -99,6 +101,7 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._started = 0.0
         self._last_progress = 0.0
+        self._tarpit_at = 0.0  # when the last reply held by the harvest tarpit leaves
 
     # -- client side -------------------------------------------------------------------------
 
@@ -308,6 +311,13 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
                 self._tls_wanted = True
             elif isinstance(event, ev.Authenticate):
                 self._auth_task = self.state.loop.create_task(self._authenticate(event))
+            elif isinstance(event, ev.DelayReply):
+                # Each delayed reply a delay after the one before: a pipelined flood of guesses
+                # pays for every guess, not once for the lot.
+                self.state.metrics.harvest_delays += 1
+                loop = self.state.loop
+                self._tarpit_at = max(loop.time(), self._tarpit_at) + event.seconds
+                loop.call_at(self._tarpit_at, self._release_reply, event.slot)
             elif isinstance(event, ev.TransactionEnded):
                 self._transaction_ended(event)
                 self.log.debug("transaction", delivered=event.delivered, recipients=event.recipients,
@@ -316,6 +326,16 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
             # One write for all the commands of this round. (Commands held back until a backend
             # reply, at an RFC 2920 sync point, are written by the backend connection then.)
             self.lease.flush()
+
+    def _release_reply(self, slot: Slot) -> None:
+        session = self.session
+        if session is None or self._closing:
+            return
+        try:
+            session.release(slot)
+            self._pump()
+        except Exception:
+            self._crash()
 
     def _transaction_ended(self, event: ev.TransactionEnded) -> None:
         metrics = self.state.metrics

@@ -21,6 +21,7 @@ from edgeproxy.server import ClientProtocol
 from edgeproxy.sharedlimits import SharedLimiter
 from edgeproxy.smtp.capabilities import Capabilities
 from edgeproxy.smtp.session import SessionLimits
+from edgeproxy.verify import RecipientCache
 
 _session_ids = itertools.count(1)
 
@@ -52,7 +53,10 @@ class ServerState:
             junk_command_limit=settings.junk_command_limit,
             starttls=self.tls_context is not None,
             auth=self.verifier is not None and self.tls_context is not None,
+            harvest_limit=settings.harvest_limit,
+            harvest_delay=settings.harvest_delay,
         )
+        self.recipient_verdicts = _recipient_verdicts(settings)
         self.limiter = ConnectionLimiter(
             settings.max_connections, settings.max_connections_per_ip, settings.connection_rate
         )
@@ -133,6 +137,10 @@ class ServerState:
         context = _server_tls(settings)
         verifier = _verifier(settings, self.pool.host_port)
         self.policy = Policy(settings)
+        if self.recipient_verdicts is not None:
+            # A mailbox created since must not be refused on the old word (nor, with Redis, on
+            # another node's): the verdicts are forgotten, here and in Redis.
+            self.recipient_verdicts.forget()
         if context is not None:
             self.tls_context = context
         if isinstance(verifier, FileVerifier):
@@ -151,6 +159,15 @@ class ServerState:
 
     def protocol_factory(self, listener: ListenerKind):
         return lambda: ClientProtocol(self, listener)
+
+
+def _recipient_verdicts(settings: Settings) -> RecipientCache | None:
+    if not settings.verify_recipients:
+        return None
+    cache = RecipientCache(settings.verify_cache_size, settings.verify_negative_ttl, settings.verify_positive_ttl)
+    if settings.redis_url:
+        cache.share(settings.redis_url, settings.redis_timeout)
+    return cache
 
 
 def _shared_limits(settings: Settings, limiter: ConnectionLimiter) -> SharedLimiter | None:

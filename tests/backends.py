@@ -118,6 +118,7 @@ class PipeliningSink(_LoopThread):
     ``close_on_connect``: close every new connection at once, without a greeting (a backend that
     is down); read per connection, so a test may change it to bring the backend back.
     ``smtputf8``: offer SMTPUTF8 (it takes UTF-8 command lines as they come).
+    ``rcpt_replies``: the reply to a RCPT for each address listed (others get 250); may change.
     """
 
     def __init__(
@@ -132,6 +133,7 @@ class PipeliningSink(_LoopThread):
         drop_on_reuse: bool = False,
         close_on_connect: bool = False,
         smtputf8: bool = False,
+        rcpt_replies: dict[str, bytes] | None = None,
     ) -> None:
         self.xclient = xclient
         self.die_after_body_bytes = die_after_body_bytes
@@ -143,6 +145,7 @@ class PipeliningSink(_LoopThread):
         self.drop_on_reuse = drop_on_reuse
         self.close_on_connect = close_on_connect
         self.smtputf8 = smtputf8
+        self.rcpt_replies = rcpt_replies or {}
         self.commands: list[bytes] = []
         super().__init__(lambda: _PipeliningProtocol(self))
 
@@ -253,7 +256,12 @@ class _PipeliningProtocol(asyncio.Protocol):
             if not self.mail_from and self.sink.mail_reply is not None:
                 self._reply(b"503 5.5.1 Need MAIL\r\n")
                 return
-            self.rcpts.append(line.decode().split(":", 1)[1].split(">")[0].lstrip(" <"))
+            address = line.decode().split(":", 1)[1].split(">")[0].lstrip(" <")
+            refusal = self.sink.rcpt_replies.get(address)
+            if refusal is not None:
+                self._reply(refusal)
+                return
+            self.rcpts.append(address)
             if self.sink.rcpt_delay:
                 self._delayed_reply(b"250 2.1.5 Ok\r\n", self.sink.rcpt_delay)
                 return

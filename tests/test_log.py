@@ -33,11 +33,16 @@ class Stderr:
 
 @pytest.fixture
 def stderr():
+    # Put back the very configuration (the same processor list) the suite's loggers were cached
+    # with: capture_logs in other tests edits that list in place.
+    saved = structlog.get_config()
+    saved_lines, saved_info = logsetup._json_lines, logsetup.info_enabled
     stream = Stderr()
     logsetup.configure("info", "json", stream)  # type: ignore[arg-type]
     yield stream.buffer
     logsetup.batch_writes(None)
-    logsetup.configure("warning", "json")
+    structlog.configure(**saved)
+    logsetup._json_lines, logsetup.info_enabled = saved_lines, saved_info
 
 
 def lines(writes: list[bytes]) -> list[dict]:

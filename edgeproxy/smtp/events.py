@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from edgeproxy.reply import Reply
 from edgeproxy.smtp.sasl import Secret
+
+if TYPE_CHECKING:
+    from edgeproxy.smtp.replyqueue import Slot
 
 
 class Command(enum.Enum):
@@ -100,6 +104,17 @@ class Refused(Event):
     reply: Reply
     sender: str | None = None
     recipient: str | None = None
+
+
+@dataclass(slots=True)
+class DelayReply(Event):
+    """``slot`` is held: ``seconds`` after the session's previous delayed reply left (or from
+    now), call :meth:`SmtpSession.release` with it and take the output again (the
+    directory-harvest tarpit). Replies after it wait behind it
+    (command order); the session's other work, and every other client, go on meanwhile."""
+
+    slot: Slot
+    seconds: float
 
 
 @dataclass(slots=True)

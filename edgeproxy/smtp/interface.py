@@ -29,6 +29,8 @@ class SessionLimits:
     junk_command_limit: int = 100  # NOOP, RSET, VRFY... before each further one is an error
     starttls: bool = False  # a certificate is loaded: STARTTLS may be offered
     auth: bool = False  # a verifier is configured: AUTH may be offered inside TLS
+    harvest_limit: int = 0  # unknown-recipient refusals before each RCPT reply is delayed; 0: never
+    harvest_delay: float = 0.0  # seconds each of those replies is delayed
 
 
 class PolicyRefusal(Protocol):
@@ -50,3 +52,11 @@ class SessionPolicy(Protocol):
     def refusal_for(self, verdict: RcptVerdict) -> PolicyRefusal | None: ...
     def too_many_recipients(self) -> PolicyRefusal: ...
     def message_too_big(self) -> PolicyRefusal: ...
+    def unknown_recipient(self) -> PolicyRefusal: ...
+
+
+class RecipientVerdicts(Protocol):
+    """The backend's remembered verdicts on recipients (:class:`edgeproxy.verify.RecipientCache`)."""
+
+    def known(self, address: str) -> bool | None: ...
+    def learn(self, address: str, code: int, reply: bytes) -> None: ...

@@ -13,13 +13,15 @@ from edgeproxy.reply import Reply
 
 
 class Slot:
-    """A reply owed to the client; ``close`` ends the session after it."""
+    """A reply owed to the client; ``close`` ends the session after it; ``held``: not yet, even
+    when filled (the harvest tarpit)."""
 
-    __slots__ = ("close", "data")
+    __slots__ = ("close", "data", "held")
 
     def __init__(self, data: bytes | None = None, close: bool = False) -> None:
         self.data = data
         self.close = close
+        self.held = False
 
 
 class ReplyQueue(deque[Slot]):
@@ -39,7 +41,7 @@ class ReplyQueue(deque[Slot]):
         """Every reply that may leave now; nothing after a closing one."""
         out = []
         slots = self
-        while slots and slots[0].data is not None:
+        while slots and slots[0].data is not None and not slots[0].held:
             slot = slots.popleft()
             out.append(slot.data)
             if slot.close:

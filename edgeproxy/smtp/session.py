@@ -21,16 +21,18 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from edgeproxy import fastpath_common as fc
-from edgeproxy.fastpath import DataScanner, ParsedPath, ParseError, parse_command, parse_mail_from
+from edgeproxy.fastpath import ParsedPath, ParseError, parse_command, parse_mail_from
 from edgeproxy.listener import ListenerKind
 from edgeproxy.reply import Reply
 from edgeproxy.smtp import events as ev
 from edgeproxy.smtp import replies as r
+from edgeproxy.smtp.body import MessageBody
 from edgeproxy.smtp.capabilities import Capabilities
 from edgeproxy.smtp.commands import SessionCommands
 from edgeproxy.smtp.events import Command
-from edgeproxy.smtp.interface import SessionLimits, SessionPolicy
-from edgeproxy.smtp.message import Transaction, body_fault, command_line, received_header
+from edgeproxy.smtp.interface import RecipientVerdicts, SessionLimits, SessionPolicy
+from edgeproxy.smtp.message import Transaction, command_line
+from edgeproxy.smtp.recipients import RecipientChecks
 from edgeproxy.smtp.replyqueue import ReplyQueue, Slot
 from edgeproxy.smtp.sasl import SaslExchange
 from edgeproxy.smtp.state import HOLDING_STATES, JUNK_VERBS, OUT_OF_SEQUENCE, TRANSACTION_STATES, State
@@ -39,7 +41,7 @@ __all__ = ["SessionLimits", "SessionPolicy", "SmtpSession", "State"]
 
 
 
-class SmtpSession(SessionCommands):
+class SmtpSession(SessionCommands, MessageBody, RecipientChecks):
     __slots__ = (
         "_backend_failure",
         "_backend_mail_refusal",
@@ -55,6 +57,7 @@ class SmtpSession(SessionCommands):
         "_skipping_line",
         "_slots",
         "_txn",
+        "_verifying",
         "authenticated_as",
         "capabilities",
         "client_address",
@@ -69,6 +72,8 @@ class SmtpSession(SessionCommands):
         "state",
         "stats",
         "tls",
+        "unknown_recipients",
+        "verdicts",
     )
 
     def __init__(
@@ -81,6 +86,7 @@ class SmtpSession(SessionCommands):
         session_id: str = "",
         clock: Callable[[], float] | None = None,
         listener: ListenerKind = ListenerKind.SMTP,
+        verdicts: RecipientVerdicts | None = None,
     ) -> None:
         self.limits = limits
         self.policy = policy
@@ -89,6 +95,9 @@ class SmtpSession(SessionCommands):
         self.grant = grant
         self.session_id = session_id
         self.listener = listener
+        self.verdicts = verdicts  # the backend's remembered verdicts on recipients, when verifying
+        self._verifying: deque[str | None] = deque()  # per forwarded RCPT: the address to learn about
+        self.unknown_recipients = 0  # refused as unknown mailboxes: the harvest tarpit's count
         self.tls: ev.TlsInfo | None = None  # set by tls_started: what the handshake agreed
         self.authenticated_as: str | None = None  # set only by a verified AUTH (a real 235)
         self._sasl: SaslExchange | None = None
@@ -154,6 +163,7 @@ class SmtpSession(SessionCommands):
         elif command is Command.RCPT:
             assert slot is not None
             slot.data = raw if self._backend_mail_refusal is None else self._backend_mail_refusal
+            self._recipient_reply(code, raw, self._backend_mail_refusal is None)
         elif command is Command.DATA:
             assert slot is not None
             slot.data = raw
@@ -184,6 +194,7 @@ class SmtpSession(SessionCommands):
                 slot.data = reply.encode()
             if command is Command.DATA and self.state is State.DATA:
                 self.state = State.RCPT
+        self._verifying.clear()
         txn = self._txn
         if txn.scanner is not None and txn.body_failure is None:
             txn.body_failure = r.BACKEND_FAILED_DATA
@@ -352,7 +363,7 @@ class SmtpSession(SessionCommands):
         self.state = State.MAIL
         self._reply(r.SENDER_OK)
 
-    def _rcpt_command(self, arg: str) -> None:
+    def _rcpt(self, arg: str) -> None:
         txn = self._txn
         assert txn.mail is not None
         if txn.broken:
@@ -378,11 +389,14 @@ class SmtpSession(SessionCommands):
         refusal = self.policy.refusal_for(verdict)
         if refusal is not None:
             txn.rejected += 1
+            self.unknown_recipients += verdict.rule == fc.RULE_UNKNOWN_USER
             self._refuse("rcpt", refusal.rule, refusal.reply, verdict.address)
             return
         problem = self.capabilities.check_rcpt_params(verdict.params)
         if problem is not None:
             self._error(problem)
+            return
+        if self._remembered_unknown(verdict):
             return
         if not txn.forwarded:
             self._send(Command.MAIL, command_line("MAIL FROM:", txn.mail.address, txn.mail.params))
@@ -390,6 +404,7 @@ class SmtpSession(SessionCommands):
         txn.recipients += 1
         txn.recipient_addresses.append(verdict.address)
         self.state = State.RCPT
+        self._forwarding_recipient(verdict)
         self._send(Command.RCPT, command_line("RCPT TO:", verdict.address, verdict.params), self._reply())
 
     def _data_command(self, arg: str) -> None:
@@ -415,7 +430,8 @@ class SmtpSession(SessionCommands):
 
     _HANDLERS: ClassVar[dict[str, Callable[[SmtpSession, str], None]]] = {
         "EHLO": SessionCommands._ehlo_command, "HELO": SessionCommands._helo_command, "MAIL": _mail_command,
-        "RCPT": _rcpt_command, "DATA": _data_command, "RSET": _rset_command, "NOOP": SessionCommands._noop_command,
+        "RCPT": RecipientChecks._rcpt_command, "DATA": _data_command, "RSET": _rset_command,
+        "NOOP": SessionCommands._noop_command,
         "QUIT": SessionCommands._quit_command, "HELP": SessionCommands._help_command,
         "VRFY": SessionCommands._vrfy_command, "EXPN": SessionCommands._expn_command,
         "ETRN": SessionCommands._etrn_command, "STARTTLS": SessionCommands._starttls_command,
@@ -424,57 +440,6 @@ class SmtpSession(SessionCommands):
         "TURN": SessionCommands._not_implemented,
         "BDAT": SessionCommands._not_implemented,
     }
-
-    # -- the body ------------------------------------------------------------------------------
-
-    def _start_body(self) -> None:
-        self.state = State.BODY
-        txn = self._txn
-        txn.scanner = DataScanner(self.limits.max_body_line_length, self.capabilities.max_message_size)
-        if self.limits.received_header:
-            header = received_header(
-                helo=self.helo, client_address=self.client_address, hostname=self.limits.hostname,
-                esmtp=self.esmtp, transaction=txn, session_id=self.session_id, now=self._clock(), tls=self.tls,
-                authenticated=self.authenticated_as is not None,
-            )
-            self._events.append(ev.BackendSend(Command.BODY, header))
-
-    def _body(self, data: bytes) -> None:
-        txn = self._txn
-        scanner = txn.scanner
-        assert scanner is not None
-        end = scanner.feed(data)
-        chunk = data if end < 0 else data[:end]
-        del self._input[: len(chunk)]
-        self.progress += 1
-        if scanner.violation and txn.body_failure is None:
-            # Refuse the whole message: this chunk is withheld and the backend connection is
-            # dropped without an end marker, so the backend discards what it got.
-            txn.body_failure = body_fault(scanner.violation, self.policy.message_too_big().reply)[1]
-            self._events.append(ev.BackendAbort(f"body refused: {txn.body_failure.text}"))
-            txn.forwarded = False
-        if txn.body_failure is None:
-            self._events.append(ev.BackendSend(Command.END if end >= 0 else Command.BODY, chunk))
-        if end < 0:
-            return
-        failure = txn.body_failure
-        if failure is None:
-            # The transaction is over for the client: its next MAIL may come, and be forwarded,
-            # before the backend's final reply to this one.
-            self._expected.append((Command.END, self._reply()))
-            self._ending.append((txn.recipients, scanner.size))
-        elif failure is r.BACKEND_FAILED_DATA:
-            self._reply(failure)
-            self._transaction_ended(False, failure.code, txn.recipients, scanner.size)
-        else:
-            # Decided now, not at the abort: the scanner's final word is chunking-independent.
-            rule, reply = body_fault(scanner.violation, self.policy.message_too_big().reply)
-            self._refuse("data", rule, reply)
-            self._transaction_ended(False, reply.code, txn.recipients, scanner.size)
-        if self.state is State.BODY:
-            self.state = State.READY
-        self._txn = Transaction()
-        self._release_backend_if_done()
 
     # -- transactions --------------------------------------------------------------------------
 
