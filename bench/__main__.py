@@ -7,6 +7,7 @@
     python -m bench --scenario held-input        # 100 clients writing NOOPs behind a held RCPT
     python -m bench --scenario deliver --concurrency 300 --workers 2 --backend-limit 100
     python -m bench --baseline ../edgeproxy-old   # adds edgeproxy@baseline: before/after in one run
+    python -m bench --sources 1      # every client from 127.0.0.1, as before (default: 64 addresses)
     python -m bench micro            # the fast-path micro benchmarks (pytest-benchmark)
 """
 
@@ -21,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import report, runner
+from bench import loadgen, report, runner
 from bench.servers import HAPROXY, EdgeproxyBuild, PrivatePostfix, make_certificate
 
 LOAD_SCENARIOS = ("relay-storm", "deliver", "mixed", "pipelined")
@@ -32,6 +33,10 @@ HELD_INPUT_SCENARIOS = ("held-input",)
 ALL_SCENARIOS = LOAD_SCENARIOS + TLS_SCENARIOS + HELD_SCENARIOS + HOSTILE_SCENARIOS + HELD_INPUT_SCENARIOS
 HOSTILE_REFERENCES = ("direct",)  # an L4 hop or Postfix adds nothing to read against the proxy's defences
 TLS_REFERENCES = ("postfix",)  # direct runs the plaintext floor; HAProxy in TCP mode cannot do STARTTLS
+# Run beside edgeproxy (at the default log level, info) in the load scenarios unless
+# --no-warning-variant: the same build logging warnings only, for what the info lines cost.
+WARNING = "edgeproxy@warning"
+WARNING_SETTINGS = (("EDGEPROXY_LOG_LEVEL", "warning"),)
 
 
 def installed_references() -> list[str]:
@@ -91,6 +96,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="also run edgeproxy@NAME: the installed edgeproxy with these settings over the "
                              "bench's (EDGEPROXY_ prefix optional), e.g. --variant metrics "
                              "METRICS_LISTEN=127.0.0.1:0; repeatable")
+    parser.add_argument("--no-warning-variant", action="store_true",
+                        help=f"leave out {WARNING} (EDGEPROXY_LOG_LEVEL=warning), otherwise run beside edgeproxy "
+                             f"in {', '.join(LOAD_SCENARIOS)}")
+    parser.add_argument("--sources", type=int, default=loadgen.DEFAULT_SOURCES,
+                        help="source addresses the load generator's clients take in turn, 127.1.0.1 and up; 1: "
+                             "127.0.0.1 alone (default %(default)s)")
+    parser.add_argument("--settle", type=float, default=None,
+                        help="seconds a run waits at most, before it starts, for the machine's TIME-WAIT sockets "
+                             "to fall below half the ephemeral ports of the clients' source addresses "
+                             f"({runner.time_wait_calm(1):,} a source; default 5 s, 1 with --quick)")
     parser.add_argument("--output", default=None, help="directory (default bench-results/<timestamp>)")
     parser.add_argument("--quick", action="store_true", help="a tiny bounded run, for the test suite")
     args = parser.parse_args(argv)
@@ -100,6 +115,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.hostile_clients = 6 if args.hostile_clients is None else args.hostile_clients
         args.held_clients = 10 if args.held_clients is None else args.held_clients
         args.held_deliver_clients = 2 if args.held_deliver_clients is None else args.held_deliver_clients
+        args.settle = 1.0 if args.settle is None else args.settle
+    args.settle = 5.0 if args.settle is None else args.settle
     args.duration = 8.0 if args.duration is None else args.duration
     args.hostile_clients = 30 if args.hostile_clients is None else args.hostile_clients
     args.held_clients = 100 if args.held_clients is None else args.held_clients
@@ -125,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"python -m bench: unknown scenario(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
+    if not 1 <= args.sources <= loadgen.MAX_SOURCES:
+        print(f"python -m bench: --sources: 1 to {loadgen.MAX_SOURCES}", file=sys.stderr)
+        return 2
     references = args.references.split(",") if args.references else installed_references()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     output = Path(args.output or f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}")
@@ -143,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = tuple((key if key.startswith("EDGEPROXY_") else f"EDGEPROXY_{key}", value)
                          for key, _, value in pairs)
         builds[f"edgeproxy@{name}"] = EdgeproxyBuild(f"edgeproxy@{name}", settings=settings)
+    load_only: tuple[str, ...] = ()
+    if not args.no_warning_variant and WARNING not in builds:  # an explicit --variant warning runs everywhere
+        builds = {"edgeproxy": builds.pop("edgeproxy"), WARNING: EdgeproxyBuild(WARNING, settings=WARNING_SETTINGS),
+                  **builds}
+        load_only = (WARNING,)
     try:
         systems = [describe(build) for build in builds.values()]
     except RuntimeError as error:
@@ -154,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                          backend_limit=args.backend_limit, builds=builds, held_clients=args.held_clients,
                          held_deliver_clients=args.held_deliver_clients,
                          held_max_bytes=int(args.held_max_mb * 2**20), held_rcpt_delay=args.held_rcpt_delay,
-                         held_rss_guard=int(args.held_rss_guard_mb * 2**20))
+                         held_rss_guard=int(args.held_rss_guard_mb * 2**20), sources=args.sources,
+                         settle=args.settle, load_only=load_only)
     with tempfile.TemporaryDirectory(prefix="edgeproxy-bench-tls-") as directory:
         if any(s in TLS_SCENARIOS for s in scenarios):
             setup.tls_cert, setup.tls_key = make_certificate(Path(directory), args.tls_key)  # gone at the end
@@ -174,9 +200,9 @@ def run_plan(args: argparse.Namespace, scenarios: list[str], concurrencies: list
     rows: list[runner.Measurement] = []
     held: list[dict[str, object]] = []
     notes: list[str] = []
-    proxies = list(setup.builds)
+    proxies = [name for name in setup.builds if name not in setup.load_only]  # all but in the load scenarios
     plan = [(s, system, c) for s in scenarios if s in LOAD_SCENARIOS for c in concurrencies
-            for system in [*proxies, *references]]
+            for system in [*setup.builds, *references]]
     if any(s in TLS_SCENARIOS for s in scenarios):
         tls_proxies = []
         for name in proxies:
@@ -199,19 +225,49 @@ def run_plan(args: argparse.Namespace, scenarios: list[str], concurrencies: list
              for system in proxies]
     for number, (scenario, system, concurrency) in enumerate(plan, 1):
         runner.progress(f"[{number}/{len(plan)}] {scenario} via {system} at concurrency {concurrency} ...")
+        time_wait, waited = runner.settle(setup.settle, setup.sources)
         if scenario in HOSTILE_SCENARIOS:
-            rows.append(runner.measure_hostile(system, concurrency, setup))
+            row = runner.measure_hostile(system, concurrency, setup)
         elif scenario in HELD_INPUT_SCENARIOS:
-            rows.append(runner.measure_held_input(system, setup))
+            row = runner.measure_held_input(system, setup)
         else:
-            rows.append(runner.measure(scenario, system, concurrency, setup))
+            row = runner.measure(scenario, system, concurrency, setup)
+        row.time_wait_start, row.settle_s = time_wait, waited
+        rows.append(row)
     for scenario in scenarios:
         if scenario in HELD_SCENARIOS:
             kind, count = ("idle", args.idle_connections) if scenario == "idle-hold" else ("slow", args.slow_clients)
             for system in proxies:
                 runner.progress(f"{scenario}: {count} clients beside deliver via {system} ...")
-                held.append(runner.measure_under_load(kind, count, concurrencies[0], system, setup))
+                time_wait, waited = runner.settle(setup.settle, setup.sources)
+                held.append(runner.measure_under_load(kind, count, concurrencies[0], system, setup)
+                            | {"time_wait_start": time_wait, "settle_s": waited})
+    notes += source_notes(setup, rows, held)
     return rows, held, notes
+
+
+def source_notes(setup: runner.Setup, rows: list[runner.Measurement], held: list[dict[str, object]]) -> list[str]:
+    """Where the clients came from, and whether the cells began with the ports of earlier ones in TIME-WAIT."""
+    addresses = loadgen.source_addresses(setup.sources)
+    notes = [f"clients connect from {len(addresses)} loopback addresses, {addresses[0]} to {addresses[-1]}, in "
+             "turn (hostile, held and idle clients from 127.0.0.1)" if addresses else
+             "clients connect from 127.0.0.1 (--sources 1)"]
+    cells = [(row.time_wait_start, row.settle_s) for row in rows]
+    cells += [(hold.get("time_wait_start"), hold.get("settle_s")) for hold in held]  # type: ignore[misc]
+    waited = [s for _, s in cells if s is not None and s >= 0.25]
+    calm = runner.time_wait_calm(setup.sources)
+    above = [int(t) for t, _ in cells if t is not None and t > calm]  # type: ignore[arg-type]
+    if waited:
+        notes.append(f"{len(waited)} of {len(cells)} runs waited (up to {setup.settle:g} s, {sum(waited):.0f} s in "
+                     f"all) for the machine's TIME-WAIT sockets to fall below {calm:,}"
+                     + (f"; {len(above)} started above it (at most {max(above):,})" if above else ""))
+    limit = runner.time_wait_limit()
+    full = [t for t, _ in cells if limit and t is not None and t >= limit]  # type: ignore[operator]
+    if full:
+        notes.append(f"{len(full)} of {len(cells)} runs started with the machine's TIME-WAIT table full "
+                     f"(net.ipv4.tcp_max_tw_buckets = {limit:,}): while it stays full, closing connections skip "
+                     "TIME-WAIT")
+    return notes
 
 
 def describe(build: EdgeproxyBuild) -> dict[str, object]:

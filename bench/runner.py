@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import resource
 import shutil
@@ -76,17 +77,23 @@ class Setup:
     held_max_bytes: int = 64 * 2**20
     held_rcpt_delay: float | None = None  # None: the run's duration + 30 s, never answered within it
     held_rss_guard: int = 4 * 2**30  # held-input: the writers stop if the system's RSS passes this
+    sources: int = loadgen.DEFAULT_SOURCES  # the load generator's source addresses (1: 127.0.0.1 alone)
+    settle: float = 5.0  # seconds a cell waits at most for the machine's TIME-WAIT sockets to fall
+    load_only: tuple[str, ...] = ()  # systems run in the load scenarios only (the automatic edgeproxy@warning)
+
+    def job(self, host: str, port: int, scenario: str, concurrency: int, **extra: object) -> loadgen.Job:
+        return loadgen.Job(host, port, scenario, concurrency, self.duration, self.sessions, self.message_size,
+                           session_timeout=self.session_timeout, sources=self.sources, **extra)  # type: ignore[arg-type]
 
     def sink_limit(self, scenario: str) -> int | None:
         return self.backend_limit if self.backend_limit or scenario != "hostile" else HOSTILE_BACKEND_LIMIT
 
 
 def proxy_settings(clients: int) -> dict[str, str]:
-    """edgeproxy's defaults, except what this load needs: all of it comes from 127.0.0.1, and
-    more than the default connections per worker when that many clients are held at once. The
-    log level only keeps the (untimed) log file small."""
-    settings = {"EDGEPROXY_LOCAL_DOMAINS": "example.test", "EDGEPROXY_MAX_CONNECTIONS_PER_IP": "0",
-                "EDGEPROXY_LOG_LEVEL": "warning"}
+    """edgeproxy's defaults, except what this load needs: all of it comes from a few loopback
+    addresses, and more than the default connections per worker when that many clients are held
+    at once. The log level is the default (info: a line a session), written to a file."""
+    settings = {"EDGEPROXY_LOCAL_DOMAINS": "example.test", "EDGEPROXY_MAX_CONNECTIONS_PER_IP": "0"}
     if clients + 100 > DEFAULT_MAX_CONNECTIONS:
         settings["EDGEPROXY_MAX_CONNECTIONS"] = str(clients + 100)
     return settings
@@ -134,12 +141,64 @@ class Measurement:
     tls: dict[str, object] | None = None  # deliver-tls rows: mode, handshakes, resumed, versions
     held_input: dict[str, object] | None = None  # held-input: the held clients, RSS, deliver beside them
     other_cpu_s: float | None = None  # the machine's CPU used by none of the run's processes meanwhile
+    log_bytes: int | None = None  # edgeproxy systems: what it wrote to its log (stderr, a file) during the load
+    time_wait_start: int | None = None  # the machine's TIME-WAIT sockets when the cell started
+    settle_s: float | None = None  # ... after waiting this long for them to fall (see settle)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
 SS = shutil.which("ss") or "/usr/bin/ss"
+
+
+def time_wait_count() -> int | None:
+    """The machine's (network namespace's) TCP sockets in TIME-WAIT, from /proc/net/sockstat."""
+    try:
+        with open("/proc/net/sockstat") as stats:
+            for line in stats:
+                if line.startswith("TCP:"):
+                    fields = line.split()
+                    return int(fields[fields.index("tw") + 1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def ephemeral_ports() -> int:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return high - low + 1
+    except (OSError, ValueError):
+        return 28232
+
+
+def time_wait_limit() -> int | None:
+    """net.ipv4.tcp_max_tw_buckets: with that many in TIME-WAIT, closing sockets skip it."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/tcp_max_tw_buckets").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def time_wait_calm(sources: int) -> int:
+    """TIME-WAIT sockets below which a cell starts at once: half the ephemeral ports of the
+    clients' address pairs, one per source address (~14,000 for 127.0.0.1 alone, ~900,000 for
+    64 sources: with the load spread, the wait is for runs with ``--sources 1``)."""
+    return ephemeral_ports() * max(1, sources) // 2
+
+
+def settle(limit: float, sources: int = 1) -> tuple[int | None, float]:
+    """Before a cell: wait, ``limit`` seconds at most, for the TIME-WAIT sockets the cells before
+    it left to fall below :func:`time_wait_calm`, so a cell at 60,000 sessions/s does not leave
+    its neighbour short of ports. Returns the count it starts with and the seconds waited."""
+    started = time.monotonic()
+    calm = time_wait_calm(sources)
+    count = time_wait_count()
+    while count is not None and count > calm and time.monotonic() - started < limit:
+        time.sleep(0.25)
+        count = time_wait_count()
+    return count, time.monotonic() - started
 
 
 def backend_connections(port: int) -> tuple[int, int]:
@@ -315,13 +374,14 @@ def measure(scenario: str, system: str, concurrency: int, setup: Setup) -> Measu
         server = start_system(system, sink, stack, setup, concurrency, tls=tls_mode is not None)
         target = server if server is not None else sink
         pids = target.pids()
-        job = loadgen.Job(target.host, target.port, kind, concurrency, setup.duration, setup.sessions,
-                          setup.message_size, session_timeout=setup.session_timeout, tls_resumption=resumption)
+        job = setup.job(target.host, target.port, kind, concurrency, tls_resumption=resumption)
         sink_cpu = Sampler(sink.pids()) if server is not None else None
         machine, own = machine_cpu(), harness_cpu()
+        log_start = log_size(server)
         with Sampler(pids, backend=sink.port) as sampler:
             result = loadgen.run_load(job, setup.processes)
         machine, own = machine_cpu() - machine, harness_cpu() - own
+        logged = log_size(server) - log_start if isinstance(server, EdgeproxyServer) else None
         sink_used = sink_cpu.cpu() - sink_cpu._cpu_start if sink_cpu is not None else 0.0
         time.sleep(0.3)  # the sink's last files
         sink_count, problems = check(system, result, sink)
@@ -337,7 +397,18 @@ def measure(scenario: str, system: str, concurrency: int, setup: Setup) -> Measu
             problems.append(f"{result.sessions - result.tls_handshakes} sessions without a TLS handshake")
     return _measurement(scenario, system, concurrency, setup, result, cpu, sampler, sink_count, problems,
                         correct=not problems and result.failed == 0, settings=settings_of(server),
-                        backend_limit=limit, tls=tls, other_cpu_s=other, **_backend_peaks(sampler))
+                        backend_limit=limit, tls=tls, other_cpu_s=other, log_bytes=logged,
+                        **_backend_peaks(sampler))
+
+
+def log_size(server: Server | None) -> int:
+    """Octets in an edgeproxy system's log file (its stderr) so far; 0 for anything else."""
+    if not isinstance(server, EdgeproxyServer):
+        return 0
+    try:
+        return (server.root / "log").stat().st_size
+    except OSError:
+        return 0
 
 
 def harness_cpu() -> float:
@@ -386,8 +457,7 @@ def measure_hostile(system: str, concurrency: int, setup: Setup) -> Measurement:
         sink = stack.enter_context(SmtpSink(max_sessions=limit))
         server = start_system(system, sink, stack, setup, concurrency + setup.hostile_clients)
         target = server if server is not None else sink
-        job = loadgen.Job(target.host, target.port, "hostile", concurrency, setup.duration, setup.sessions,
-                          setup.message_size, session_timeout=setup.session_timeout)
+        job = setup.job(target.host, target.port, "hostile", concurrency)
         with Sampler(target.pids(), backend=sink.port) as sampler:
             rss_start = sampler.peak_rss
             clients = hostile.HostileProcess(target.host, target.port, counts, setup.hostile_max_bytes,
@@ -438,8 +508,7 @@ def measure_held_input(system: str, setup: Setup) -> Measurement:
         sink = stack.enter_context(SlowSink(delay, max_sessions=setup.backend_limit))
         server = start_system(system, sink, stack, setup, concurrency + setup.held_clients)
         assert server is not None
-        job = loadgen.Job(server.host, server.port, "held-input", concurrency, setup.duration, setup.sessions,
-                          setup.message_size, session_timeout=setup.session_timeout)
+        job = setup.job(server.host, server.port, "held-input", concurrency)
         unloaded = loadgen.run_load(job, setup.processes)
         clients = hostile.HostileProcess(server.host, server.port, {hostile.HELD: setup.held_clients},
                                          setup.held_max_bytes, setup.message_size, setup.session_timeout,
@@ -499,8 +568,7 @@ def measure_under_load(kind: str, count: int, concurrency: int, system: str, set
         sink = stack.enter_context(SmtpSink(max_sessions=setup.backend_limit))
         proxy = start_system(system, sink, stack, setup, concurrency + count)
         assert proxy is not None
-        job = loadgen.Job(proxy.host, proxy.port, "deliver", concurrency, setup.duration, 0, setup.message_size,
-                          session_timeout=setup.session_timeout)
+        job = dataclasses.replace(setup.job(proxy.host, proxy.port, "deliver", concurrency), sessions=0)
         sampler = stack.enter_context(Sampler(proxy.pids(), backend=sink.port))
         rss_before = sampler.rss()
         unloaded = loadgen.run_load(job, setup.processes)

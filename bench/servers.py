@@ -407,13 +407,17 @@ class PrivatePostfix(Server):
 
 class PostfixRelayPolicy(PrivatePostfix):
     """Postfix's smtpd with the same relay policy as edgeproxy, passing accepted mail
-    before-queue to the sink (``smtpd_proxy_filter``): the same job, done by Postfix."""
+    before-queue to the sink (``smtpd_proxy_filter``): the same job, done by Postfix.
+
+    No client name lookup (``smtpd_peername_lookup = no``), as edgeproxy does none: the load
+    comes from 127.1.x.y, which no hosts file names, so each session would ask the machine's DNS
+    for its PTR, and a lost query stalls that session for the resolver's 5 s timeout."""
 
     def __init__(self, sink: tuple[str, int], domain: str = "example.test",
                  tls: tuple[Path, Path] | None = None) -> None:
         super().__init__(
             f"relay_domains = {domain}\nmynetworks = 127.255.255.255/32\n"
-            "smtpd_relay_restrictions = reject_unauth_destination\n"
+            "smtpd_relay_restrictions = reject_unauth_destination\nsmtpd_peername_lookup = no\n"
             f"smtpd_proxy_filter = {sink[0]}:{sink[1]}\nsmtpd_proxy_options = speed_adjust\n"
             "smtpd_hard_error_limit = 1000\nsmtpd_client_connection_count_limit = 0\n"
             "default_process_limit = 200\n"

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -29,24 +30,51 @@ def test_quick_bench_run_counts_correctly_and_writes_its_report(tmp_path: Path) 
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads((output / "results.json").read_text())
     runs = {(run["scenario"], run["system"]): run for run in data["runs"]}
-    assert set(runs) == {(s, system) for s in ("relay-storm", "mixed") for system in ("edgeproxy", "direct", "postfix")}
+    # edgeproxy@warning comes along in the load scenarios (not idle-hold), uninvited.
+    systems = ("edgeproxy", "edgeproxy@warning", "direct", "postfix")
+    assert set(runs) == {(s, system) for s in ("relay-storm", "mixed") for system in systems}
     for run in runs.values():
         assert run["correct"], run
         assert run["sessions"] > 0 and run["sut_cpu_s"] >= 0
-    # The systems with a relay policy refused every relay attempt; the bare sink took them.
-    for system in ("edgeproxy", "postfix"):
+        assert run["time_wait_start"] is not None and run["settle_s"] <= 1.5
+    # The systems with a relay policy refused every relay attempt, from 127.1.x.y as from
+    # 127.0.0.1; the bare sink took them.
+    for system in ("edgeproxy", "edgeproxy@warning", "postfix"):
         assert runs[("relay-storm", system)]["refused"] == runs[("relay-storm", system)]["sessions"]
         assert runs[("mixed", system)]["delivered"] == runs[("mixed", system)]["sink_messages"] > 0
     assert runs[("relay-storm", "direct")]["refused"] == 0
     [held] = data["under_load"]
     assert held["scenario"] == "idle-hold" and held["clients"] == 200 and not held["problems"]
-    assert {ratio["reference"] for ratio in data["ratios"]} == {"direct", "postfix"}
-    assert (output / "report.md").read_text().startswith("# edgeproxy benchmark")
+    assert held["system"] == "edgeproxy"
+    assert {ratio["reference"] for ratio in data["ratios"]} == {"direct", "postfix", "edgeproxy@warning"}
+    markdown = (output / "report.md").read_text()
+    assert markdown.startswith("# edgeproxy benchmark")
     assert (output / "relay-storm.png").stat().st_size > 1000
-    # The proxy ran on its defaults but for what the load needs; never the removed pool setting.
+    # The proxy ran on its defaults but for what the load needs (its log level too, info, its
+    # lines in a file); never the removed pool setting. Its companion logs warnings only.
     settings = runs[("relay-storm", "edgeproxy")]["settings"]
     assert settings["EDGEPROXY_MAX_CONNECTIONS_PER_IP"] == "0"
-    assert "EDGEPROXY_BACKEND_POOL_SIZE" not in settings
+    assert "EDGEPROXY_BACKEND_POOL_SIZE" not in settings and "EDGEPROXY_LOG_LEVEL" not in settings
+    assert runs[("relay-storm", "edgeproxy@warning")]["settings"]["EDGEPROXY_LOG_LEVEL"] == "warning"
+    for scenario in ("relay-storm", "mixed"):
+        info, warning = runs[(scenario, "edgeproxy")], runs[(scenario, "edgeproxy@warning")]
+        assert info["log_bytes"] >= 50 * info["sessions"] > 0 and warning["log_bytes"] < info["log_bytes"] / 10
+    # The target ratios, per CPU-second: info over warning per scenario, and the references'.
+    ratios = {(entry["scenario"], entry["reference"]): entry for entry in data["target_ratios"]}
+    assert set(ratios) == {("relay-storm", "edgeproxy@warning"), ("mixed", "edgeproxy@warning"),
+                           ("relay-storm", "postfix"), ("relay-storm", "direct")}
+    for (scenario, reference), entry in ratios.items():
+        other = runs[(scenario, reference)]
+        assert entry["concurrency"] == 4 and entry["unit"] == "sess/cpu-s"
+        assert entry["ratio"] == pytest.approx(runs[(scenario, "edgeproxy")]["sessions_per_cpu_s"]
+                                               / other["sessions_per_cpu_s"])
+        assert entry["target"] == {"edgeproxy@warning": 0.85, "postfix": 3.0, "direct": 0.8}[reference]
+        assert entry["met"] == (entry["ratio"] >= entry["target"])
+    assert "## Target ratios" in markdown
+    assert "| relay-storm | 4 | edgeproxy (info) ÷ edgeproxy@warning | sess/cpu-s " in markdown
+    assert "| relay-storm | 4 | edgeproxy ÷ postfix | sess/cpu-s " in markdown and "| ≥ 3 |" in markdown
+    assert "relay-storm c=4: edgeproxy (info) ÷ edgeproxy@warning, sess/cpu-s" in result.stdout
+    assert "clients connect from 64 loopback addresses, 127.1.0.1 to 127.1.0.64" in data["notes"][0]
 
 
 async def _fake_servers() -> tuple[dict[str, int], list[asyncio.AbstractServer]]:
@@ -115,6 +143,64 @@ def test_failed_sessions_are_counted_by_reason_in_every_output(tmp_path: Path) -
     assert "4 sessions failed: 4× 451 4.4.1 at RCPT" in markdown and "timeout waiting for greeting" in markdown
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["runs"][1]["failures"] == {"timeout waiting for greeting": 4}
+
+
+class PeerRecorder:
+    """An SMTP server refusing every recipient, on its own thread's event loop, that records
+    the address of every client that connects: where the load generator's connections come from."""
+
+    def __init__(self) -> None:
+        self.peers: list[str] = []
+        self.loop = asyncio.new_event_loop()
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.peers.append(writer.get_extra_info("peername")[0])
+        writer.write(b"220 probe ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            writer.write({b"EHLO": b"250 probe\r\n", b"RCPT": b"554 5.7.1 Relay access denied\r\n",
+                          b"QUIT": b"221 2.0.0 Bye\r\n"}.get(verb, b"250 2.0.0 Ok\r\n"))
+            if verb == b"QUIT":
+                break
+        writer.close()
+
+    def _run(self) -> None:
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.started.set()
+        self.loop.run_forever()
+
+    def __enter__(self) -> PeerRecorder:
+        self.thread.start()
+        assert self.started.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.server.close()
+        self.loop.close()
+
+
+@pytest.mark.parametrize("sources", [8, 1])
+def test_the_load_comes_from_the_source_addresses_in_turn(sources: int) -> None:
+    """With --sources N the load generator's processes connect from 127.1.0.1 ... in turn, so a
+    run's connections spread over N address pairs' ephemeral ports; with 1, from 127.0.0.1 alone."""
+    setup = runner.Setup(duration=10, sessions=48, sources=sources, session_timeout=5)
+    with PeerRecorder() as probe:
+        result = loadgen.run_load(setup.job("127.0.0.1", probe.port, "relay-storm", 4), 2)
+    assert result.sessions == result.refused == 48 and result.failed == 0, result.errors
+    assert len(probe.peers) == 48
+    assert set(probe.peers) == ({f"127.1.0.{n}" for n in range(1, 9)} if sources == 8 else {"127.0.0.1"})
+
+
+def test_source_addresses_cover_the_range() -> None:
+    addresses = loadgen.source_addresses(600)
+    assert addresses[0] == "127.1.0.1" and addresses[253] == "127.1.0.254" and addresses[254] == "127.1.1.1"
+    assert len(set(addresses)) == 600 and addresses[-1] == "127.1.2.92"
+    assert loadgen.source_addresses(1) == loadgen.source_addresses(0) == []
 
 
 def _checkout(root: Path, **modules: str) -> Path:
@@ -285,12 +371,13 @@ def test_backend_limit_reaches_the_sink_in_every_scenario(tmp_path: Path) -> Non
     output = tmp_path / "results"
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--duration", "1", "--scenario", "deliver", "--references",
-         "direct", "--backend-limit", "2", "--output", str(output)],
+         "direct", "--backend-limit", "2", "--sources", "1", "--no-warning-variant", "--output", str(output)],
         capture_output=True, text=True, timeout=60,
     )
     data = json.loads((output / "results.json").read_text())
     runs = {run["system"]: run for run in data["runs"]}
-    assert set(runs) == {"edgeproxy", "direct"}, result.stdout + result.stderr
+    assert set(runs) == {"edgeproxy", "direct"}, result.stdout + result.stderr  # and no edgeproxy@warning
+    assert data["notes"][0] == "clients connect from 127.0.0.1 (--sources 1)"
     for run in runs.values():
         assert run["backend_limit"] == 2, run
         # ss's one sample is not atomic: under churn a connection closing while it lists may still
