@@ -57,12 +57,12 @@ class MessageBody:
         txn = self._txn
         txn.scanner = DataScanner(self.limits.max_body_line_length, self.capabilities.max_message_size)
         if self.limits.received_header:
-            header = received_header(
+            # Held for the first chunk: one backend write for both, not two per message.
+            txn.received = received_header(
                 helo=self.helo, client_address=self.client_address, hostname=self.limits.hostname,
                 esmtp=self.esmtp, transaction=txn, session_id=self.session_id, now=self._clock(), tls=self.tls,
                 authenticated=self.authenticated_as is not None,
             )
-            self._events.append(ev.BackendSend(Command.BODY, header))
 
     def _body(self, data: bytes) -> None:
         txn = self._txn
@@ -79,6 +79,8 @@ class MessageBody:
             self._events.append(ev.BackendAbort(f"body refused: {txn.body_failure.text}"))
             txn.forwarded = False
         if txn.body_failure is None:
+            if txn.received:
+                chunk, txn.received = txn.received + chunk, b""
             self._events.append(ev.BackendSend(Command.END if end >= 0 else Command.BODY, chunk))
         if end < 0:
             return

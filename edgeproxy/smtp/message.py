@@ -28,7 +28,7 @@ _BODY_FAULTS: dict[int, tuple[str, Reply]] = {
 class Transaction:
     """What one MAIL ... end-of-data exchange has gathered so far."""
 
-    __slots__ = ("body_failure", "broken", "excess_recipients", "forwarded", "mail", "recipient_addresses",
+    __slots__ = ("body_failure", "broken", "excess_recipients", "forwarded", "mail", "received", "recipient_addresses",
                  "recipients", "rejected", "scanner")
 
     def __init__(self, mail: ParsedPath | None = None) -> None:
@@ -41,6 +41,7 @@ class Transaction:
         self.recipient_addresses: list[str] = []
         self.scanner: DataScanner | None = None
         self.body_failure: Reply | None = None
+        self.received = b""  # our Received: header, sent with the body's first chunk
 
     @property
     def smtputf8(self) -> bool:
