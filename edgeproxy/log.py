@@ -8,7 +8,6 @@ for the console, where an ESC sequence would repaint the operator's terminal or 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import sys
 import time
@@ -79,19 +78,22 @@ def info_line(event: str, fields: dict[str, Any]) -> None:
 
 
 def batch_writes(loop: asyncio.AbstractEventLoop | None) -> None:
-    """Gather a worker's JSON lines and write them once per turn of ``loop``; None writes what is
-    held and goes back to a write per line (before the loop is gone: nothing would flush)."""
+    """Gather a worker's JSON lines and write them together (:class:`JsonLines`) on ``loop``; None
+    writes what is held and goes back to a write per line (before the loop is gone: nothing
+    would flush)."""
     if _json_lines is not None:
         _json_lines.flush()
         _json_lines.loop = loop
 
 
 class JsonLines:
-    """The JSON lines of one process to one byte stream. With a loop attached, the lines of one
-    turn go out in one write, never more than ``PIPE_BUF`` bytes of whole lines, so lines of
-    workers sharing a pipe never interleave within a line."""
+    """The JSON lines of one process to one byte stream. With a loop attached, lines are held for
+    up to ``HOLD_SECONDS`` and go out together, in writes of whole lines never more than
+    ``PIPE_BUF`` bytes, so lines of workers sharing a pipe never interleave within a line. (Once
+    per loop turn was still a write for every one or two sessions under load.)"""
 
     MAX_WRITE = 4096  # PIPE_BUF on Linux: a pipe write up to this size is atomic
+    HOLD_SECONDS = 0.05
 
     __slots__ = ("_held", "_scheduled", "_stream", "loop")
 
@@ -117,7 +119,7 @@ class JsonLines:
         self._held += line
         if not self._scheduled:
             self._scheduled = True
-            self.loop.call_soon(self.flush)
+            self.loop.call_later(self.HOLD_SECONDS, self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
@@ -140,19 +142,21 @@ def _orjson_text(event: dict[str, Any], **_: Any) -> str:
     return orjson.dumps(event, default=str).decode()
 
 
-@functools.lru_cache(maxsize=1)
-def _date_and_time(second: int) -> str:
-    """Formatted once a second, not once per line."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+_clock_second = -1
+_clock_prefix = ""  # "2026-12-01T03:30:01." for _clock_second
 
 
 def _level_and_time(_logger: object, method: str, event: dict[str, Any]) -> dict[str, Any]:
     """The level, and the time in ISO 8601 UTC with microseconds as structlog's
-    TimeStamper(fmt="iso", utc=True) writes it: one processor, not two, for every line."""
+    TimeStamper(fmt="iso", utc=True) writes it, the date and time formatted once a second: one
+    processor, not two, for every line."""
+    global _clock_second, _clock_prefix
     event["level"] = _LEVEL_NAMES.get(method, method)
     now = time.time()
     second = int(now)
-    event["timestamp"] = f"{_date_and_time(second)}.{int((now - second) * 1_000_000):06d}Z"
+    if second != _clock_second:
+        _clock_second, _clock_prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+    event["timestamp"] = f"{_clock_prefix}{int((now - second) * 1_000_000):06d}Z"
     return event
 
 
@@ -169,36 +173,37 @@ class RefusalLog:
 
     HELD_RUNS = 8
 
-    __slots__ = ("_key", "_runs", "spilled")
+    __slots__ = ("_runs", "spilled")
 
     def __init__(self) -> None:
-        self._key: tuple[object, ...] | None = None
-        self._runs: list[dict[str, Any]] = []
+        self._runs: list[list[Any]] = []  # [first refusal of the run, count]; records built when written
         self.spilled = False  # past HELD_RUNS: every run is written as its own line once it ends
 
     def add(self, event: Refused) -> list[dict[str, Any]] | None:
         """Count the refusal in; returns the runs to write as their own lines now, if any."""
-        recipient_domain = _domain(event.recipient)
-        key = (event.stage, event.rule, event.sender, recipient_domain, event.reply)
-        if key == self._key:
-            self._runs[-1]["count"] += 1
-            return None
+        runs = self._runs
+        if runs:
+            last = runs[-1][0]
+            if (last.rule == event.rule and last.reply == event.reply and last.stage == event.stage
+                    and last.sender == event.sender and _domain(last.recipient) == _domain(event.recipient)):
+                runs[-1][1] += 1
+                return None
         ended = None
-        if len(self._runs) >= self.HELD_RUNS:
+        if len(runs) >= self.HELD_RUNS:
             self.spilled = True
-        if self.spilled and self._runs:
-            ended, self._runs = self._runs, []
-        self._key = key
-        # RFC 2505 §2.4: time, rule, client address and name, HELO, sender, recipient domain
-        # (the time, client and HELO are the line's).
-        self._runs.append({"stage": event.stage, "rule": event.rule, "sender": event.sender,
-                           "recipient_domain": recipient_domain, "reply": str(event.reply), "count": 1})
+        if self.spilled and runs:
+            ended = self.take()
+        self._runs.append([event, 1])
         return ended
 
     def take(self) -> list[dict[str, Any]]:
         """The runs not yet written: for the session line, or after a spill for lines of their own."""
-        runs, self._runs, self._key = self._runs, [], None
-        return runs
+        runs, self._runs = self._runs, []
+        # RFC 2505 §2.4: time, rule, client address and name, HELO, sender, recipient domain
+        # (the time, client and HELO are the line's).
+        return [{"stage": event.stage, "rule": event.rule, "sender": event.sender,
+                 "recipient_domain": _domain(event.recipient), "reply": str(event.reply), "count": count}
+                for event, count in runs]
 
 
 def _domain(recipient: str | None) -> str | None:

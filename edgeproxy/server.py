@@ -174,22 +174,19 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
 
     def _log_session(self, session: SmtpSession, seconds: float) -> None:
         stats = session.stats
-        fields = self._line_context()
-        fields.update(
-            helo=session.helo,
-            seconds=round(seconds, 3),
-            tls=f"{session.tls.version}/{session.tls.cipher}" if session.tls else None,
-            user=session.authenticated_as,
-            messages=stats.messages,
-            refusals=stats.refusals,
-            errors=stats.errors,
-            rules=stats.rules or None,
-        )
         runs = self._refusals.take() if stats.refusals else None
         if runs and self._refusals.spilled:
             self._log_refused(runs)
             runs = None
-        fields["refused"] = runs or None
+        tls = session.tls
+        fields = {
+            "session": self.session_id, "client": self.client, "helo": session.helo, "seconds": round(seconds, 3),
+            "tls": f"{tls.version}/{tls.cipher}" if tls else None, "user": session.authenticated_as,
+            "messages": stats.messages, "refusals": stats.refusals, "errors": stats.errors,
+            "rules": stats.rules or None, "refused": runs or None,
+        }
+        if self._balancer is not None:
+            fields["via"] = self._balancer
         logsetup.info_line("session", fields)
 
     def _log_refused(self, runs: list[dict[str, object]]) -> None:
