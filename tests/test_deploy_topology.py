@@ -244,7 +244,7 @@ def test_balancer_gets_no_greeting_before_its_header(topology: Topology) -> None
         elapsed = time.monotonic() - started
     assert received == b""
     assert PROXY_TIMEOUT - 0.2 <= elapsed < PROXY_TIMEOUT + 3
-    assert topology.log_lines(event="refused", rule="proxy_header_timeout")
+    assert wait_for(lambda: topology.log_lines(event="refused", rule="proxy_header_timeout"))
 
 
 # -- (c) one instance drains, the other carries on, nothing is lost or doubled ----------------
