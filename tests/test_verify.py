@@ -12,12 +12,19 @@ from collections.abc import Iterator
 
 import pytest
 
+from edgeproxy import fastpath_common as fc
+from edgeproxy.policy import Policy
 from edgeproxy.refusals import POLICY_DEFAULTS
+from edgeproxy.smtp import events as ev
+from edgeproxy.smtp.capabilities import Capabilities
+from edgeproxy.smtp.interface import SessionLimits
 from edgeproxy.smtp.recipients import is_unknown_recipient
+from edgeproxy.smtp.session import SmtpSession
 from edgeproxy.verify import CHANNEL, RecipientCache
 from tests.backends import PipeliningSink
 from tests.conftest import wait_for
 from tests.redis_server import RedisServer
+from tests.session_driver import FULL_BACKEND, HOSTNAME, settings
 from tests.test_proxy_e2e import raw_session, reply_codes
 
 UNKNOWN = b"550 5.1.1 <ghost@example.test>: Recipient address rejected: User unknown\r\n"
@@ -291,3 +298,43 @@ def test_max_errors_still_ends_a_harvesting_session(make_proxy, pipelining_sink)
         while chunk := sock.recv(65536):
             received += chunk
     assert reply_codes(received) == [250, 250, 550, 550, 550, 421]
+
+
+# -- the core, sans I/O ----------------------------------------------------------------------------
+
+
+def core_session(verdicts: RecipientCache | None = None, **limits: object) -> SmtpSession:
+    config = settings(recipients="known@example.test")
+    session_limits = SessionLimits(HOSTNAME, 512, 2048, 20, False, False, False, **limits)  # type: ignore[arg-type]
+    capabilities = Capabilities.negotiate(config.max_message_size, list(FULL_BACKEND))
+    session = SmtpSession(session_limits, Policy(config), capabilities, "192.0.2.7", fc.GRANT_NONE,
+                          verdicts=verdicts)
+    session.greeting()
+    return session
+
+
+def test_the_core_holds_replies_past_the_limit_until_the_io_layer_releases_them() -> None:
+    session = core_session(harvest_limit=1, harvest_delay=5.0)
+    session.receive_data(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\n"
+                         b"RCPT TO:<y@example.test>\r\nNOOP\r\n")
+    assert reply_codes(session.take_output()) == [250, 250, 550]  # the second 550 is held, NOOP's behind it
+    (delay,) = [event for event in session.take_events() if isinstance(event, ev.DelayReply)]
+    assert delay.seconds == 5.0 and delay.slot.data is not None and delay.slot.held
+    assert session.take_output() == b""
+    session.release(delay.slot)
+    assert reply_codes(session.take_output()) == [550, 250]
+
+
+def test_the_core_refuses_a_remembered_unknown_without_a_backend_command() -> None:
+    cache = RecipientCache(10, 60, 600)
+    cache.learn("ghost@example.org", 550, UNKNOWN)
+    session = core_session(cache)
+    # example.org is not local here: the verdict is not consulted for a relay refusal...
+    session.receive_data(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<ghost@example.org>\r\n")
+    assert reply_codes(session.take_output())[-1] == 554
+    # ...only for a domain the backend answers for without a directory.
+    cache.learn("ghost@example.test", 550, UNKNOWN)
+    session.receive_data(b"RCPT TO:<ghost@example.test>\r\n")
+    assert reply_codes(session.take_output())[-1] == 550
+    assert not [event for event in session.take_events() if isinstance(event, ev.BackendSend)]
+    assert session.unknown_recipients == 1
