@@ -23,9 +23,10 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 # C0, DEL and C1 controls, shown as \xNN; everything printable is left as it is.
 _CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
 _LEVEL_NAMES = {"warn": "warning", "exception": "error"}  # as structlog's add_log_level names them
-# Whether info lines are written: below that level the per-session log work (binding a logger,
+# Whether info (debug) lines are written: below that level the per-session log work (binding a logger,
 # building the session and refusal lines) is skipped, not merely filtered.
 info_enabled = True
+debug_enabled = False
 
 
 def _escape_control_characters(_logger: object, _method: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -37,8 +38,9 @@ def _escape_control_characters(_logger: object, _method: str, event: dict[str, A
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    global info_enabled, _json_lines
+    global info_enabled, debug_enabled, _json_lines
     info_enabled = _LEVELS[level] <= logging.INFO
+    debug_enabled = _LEVELS[level] <= logging.DEBUG
     stream = stream if stream is not None else sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     processors: list[Any] = [_level_and_time, structlog.processors.format_exc_info]

@@ -317,8 +317,9 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
                 loop.call_at(self._tarpit_at, self._release_reply, event.slot)
             elif isinstance(event, ev.TransactionEnded):
                 self._transaction_ended(event)
-                self.log.debug("transaction", delivered=event.delivered, recipients=event.recipients,
-                               size=event.size, reply_code=event.reply_code)
+                if logsetup.debug_enabled:  # (else not even the bound logger is made)
+                    self.log.debug("transaction", delivered=event.delivered, recipients=event.recipients,
+                                   size=event.size, reply_code=event.reply_code)
         if sent and self.lease is not None:
             # One write for all the commands of this round. (Commands held back until a backend
             # reply, at an RFC 2920 sync point, are written by the backend connection then.)

@@ -98,3 +98,17 @@ def test_detaching_the_loop_writes_what_is_held_and_then_writes_at_once(stderr) 
     finally:
         loop.close()
     assert [line["number"] for line in lines(stderr.writes)] == [0, 1]
+
+
+def test_the_transaction_line_is_written_at_debug_only(logged_proxy, sink) -> None:
+    from tests.conftest import wait_for
+
+    for level, expected in (("debug", 1), ("info", 0)):
+        proxy = logged_proxy(sink.address, log_level=level)
+        with proxy.client() as client:
+            assert client.sendmail("a@b.test", ["user@example.test"], "Subject: x\r\n\r\nhello\r\n") == {}
+        assert wait_for(lambda proxy=proxy: proxy.count("session") == 1, 10)
+        transactions = [line for line in proxy.lines if line.get("event") == "transaction"]
+        assert len(transactions) == expected, proxy.lines
+        if expected:
+            assert transactions[0]["delivered"] is True and transactions[0]["recipients"] == 1
