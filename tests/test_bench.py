@@ -380,9 +380,10 @@ def test_backend_limit_reaches_the_sink_in_every_scenario(tmp_path: Path) -> Non
     assert data["notes"][0] == "clients connect from 127.0.0.1 (--sources 1)"
     for run in runs.values():
         assert run["backend_limit"] == 2, run
-        # ss's one sample is not atomic: under churn a connection closing while it lists may still
-        # count, so "held" is only bounded by the clients there are; the backlog below is the proof.
-        assert 1 <= run["peak_backend_connections"] <= 4, run
+        # ss's one sample is not atomic: under churn (a new connection every millisecond here) it
+        # has counted 5 for 4 clients, a connection listed both before and after it moved. So
+        # "held" gets only a loose bound, twice the clients; the backlog below is the proof.
+        assert 1 <= run["peak_backend_connections"] <= 2 * 4, run
         assert run["peak_backend_established"] >= run["peak_backend_connections"]
         assert run["failed"] == sum(run["failures"].values())
     direct = runs["direct"]
