@@ -75,8 +75,7 @@ def info_line(event: str, fields: dict[str, Any]) -> None:
         structlog.get_logger("edgeproxy").info(event, **fields)
         return
     fields["event"] = event
-    _level_and_time(None, "info", fields)
-    lines.write(orjson.dumps(fields, default=str, option=orjson.OPT_APPEND_NEWLINE))
+    lines.write(_orjson_line(None, "info", _level_and_time(None, "info", fields)))
 
 
 def batch_writes(loop: asyncio.AbstractEventLoop | None) -> None:
@@ -108,9 +107,6 @@ class JsonLines:
     def factory(self, *_args: object) -> JsonLines:
         return self  # structlog's logger factory: every logger writes here
 
-    def msg(self, line: bytes) -> None:  # structlog's logger interface
-        self.write(line)
-
     def write(self, line: bytes) -> None:
         if self.loop is None:
             self._stream.write(line)
@@ -130,7 +126,8 @@ class JsonLines:
             self._stream.flush()
             self._held.clear()
 
-    log = debug = info = warn = warning = err = error = exception = failure = critical = fatal = msg
+    # structlog's logger interface: whatever the level, the rendered line is written.
+    msg = log = debug = info = warn = warning = err = error = exception = failure = critical = fatal = write
 
 
 _json_lines: JsonLines | None = None

@@ -11,6 +11,7 @@ never held by a socket that does not drain.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -25,7 +26,6 @@ from edgeproxy.reply import Reply
 from edgeproxy.smtp import events as ev
 from edgeproxy.smtp import replies as r
 from edgeproxy.smtp.client import ClientIdentity
-from edgeproxy.smtp.replyqueue import Slot
 from edgeproxy.smtp.session import SmtpSession
 from edgeproxy.tlsauth import Securing
 
@@ -221,22 +221,10 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
     # -- backend side (BackendOwner) -----------------------------------------------------------
 
     def backend_reply(self, code: int, raw: bytes) -> None:
-        if self.session is None or self._closing:
-            return
-        try:
-            self.session.backend_reply(code, raw)
-            self._pump()
-        except Exception:
-            self._crash()
+        self._drive(SmtpSession.backend_reply, code, raw)
 
     def backend_failed(self, reply: Reply) -> None:
-        if self.session is None or self._closing:
-            return
-        try:
-            self.session.backend_failed(reply)
-            self._pump()
-        except Exception:
-            self._crash()
+        self._drive(SmtpSession.backend_failed, reply)
 
     def backend_writable(self, writable: bool) -> None:
         self._backend_writable = writable
@@ -275,11 +263,16 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
 
     def _resume(self) -> None:
         self._resume_scheduled = False
+        self._drive(SmtpSession.resume)
+
+    def _drive(self, step: Callable[..., None], *args: object) -> None:
+        """Give the core one thing outside client input (``step(session, *args)``: a backend
+        reply, a resumption, a timer) and carry out what it then owes."""
         session = self.session
         if session is None or self._closing:
             return
         try:
-            session.resume()
+            step(session, *args)
             self._pump()
         except Exception:
             self._crash()
@@ -314,7 +307,7 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
                 self.state.metrics.harvest_delays += 1
                 loop = self.state.loop
                 self._tarpit_at = max(loop.time(), self._tarpit_at) + event.seconds
-                loop.call_at(self._tarpit_at, self._release_reply, event.slot)
+                loop.call_at(self._tarpit_at, self._drive, SmtpSession.release, event.slot)
             elif isinstance(event, ev.TransactionEnded):
                 self._transaction_ended(event)
                 if logsetup.debug_enabled:  # (else not even the bound logger is made)
@@ -324,16 +317,6 @@ class ClientProtocol(Admission, Securing, asyncio.Protocol):
             # One write for all the commands of this round. (Commands held back until a backend
             # reply, at an RFC 2920 sync point, are written by the backend connection then.)
             self.lease.flush()
-
-    def _release_reply(self, slot: Slot) -> None:
-        session = self.session
-        if session is None or self._closing:
-            return
-        try:
-            session.release(slot)
-            self._pump()
-        except Exception:
-            self._crash()
 
     def _transaction_ended(self, event: ev.TransactionEnded) -> None:
         metrics = self.state.metrics

@@ -81,20 +81,22 @@ class RecipientChecks:
         return True
 
     def _forwarding_recipient(self, verdict: RcptVerdict) -> None:
-        """A RCPT goes to the backend: its reply is a verdict to remember, for verified domains."""
-        self._verifying.append(
-            verdict.address if self.verdicts is not None and verdict.rule in VERIFIED_RULES else None)
+        """A RCPT goes to the backend: when verifying, its reply is a verdict to remember (for
+        verified domains), and ``_verifying`` keeps one entry per forwarded RCPT."""
+        if self.verdicts is not None:
+            self._verifying.append(verdict.address if verdict.rule in VERIFIED_RULES else None)
 
     def _recipient_reply(self, code: int, raw: bytes, judged: bool) -> None:
         """The backend's reply to a forwarded RCPT; ``judged``: to the RCPT itself, not the
         inherited refusal of its MAIL."""
-        address = self._verifying.popleft()
+        verdicts = self.verdicts
+        address = self._verifying.popleft() if verdicts is not None else None
         if not judged:
             return
         if is_unknown_recipient(code, raw):
             self.unknown_recipients += 1
-        if address is not None and self.verdicts is not None:
-            self.verdicts.learn(address, code, raw)
+        if verdicts is not None and address is not None:
+            verdicts.learn(address, code, raw)
 
     def release(self, slot: Slot) -> None:
         """A delayed reply's time has come (the I/O layer's timer): it may leave."""
